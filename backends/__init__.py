@@ -1,0 +1,1 @@
+"""Worker processes and transports; installed as ``workbench.backends``."""

@@ -1,0 +1,1 @@
+"""Textual user interface (see the TUI issue); installed as ``workbench.screens``."""

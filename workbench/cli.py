@@ -1,0 +1,234 @@
+"""The ``workbench`` command: headless runs, presets, validation, history.
+
+Exit codes: 0 success, 2 bad input (with one clear message and a hint, no
+traceback), 1 a failure while a valid run executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from . import __version__
+from .errors import UserError, WorkbenchError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _err(message: str, hint: str | None = None) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"  hint: {hint}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="Compress large language models: prune, evaluate, export.")
+    parser.add_argument("--version", action="version", version=f"workbench {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run a preset or a TOML file headless")
+    run.add_argument("preset", help="a shipped preset name (see: workbench presets) or a .toml file")
+    run.add_argument("--model", help="model: 'demo', a local folder or a hub id (overrides model.name)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting, e.g. --set steps.0.sparsity=0.6 (repeatable)")
+    run.add_argument("--out", help="export the compressed model to this folder (safetensors + compression.json)")
+    run.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
+    run.add_argument("--backend", default="inprocess", help="where the engine runs (inprocess)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("presets", help="list the shipped presets")
+    val = sub.add_parser("validate", help="check a preset file without running it")
+    val.add_argument("file")
+
+    hist = sub.add_parser("history", help="list the runs in the run history")
+    hist.add_argument("--limit", type=int, default=30)
+    hist.add_argument("--json", action="store_true")
+    show = sub.add_parser("show", help="show one run from the history")
+    show.add_argument("run_id")
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--events", action="store_true", help="also list the run's events")
+    return parser
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_presets(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from workbench.presets import preset_names
+
+    from .spec import load_preset_data
+
+    table = Table(title="presets")
+    table.add_column("name")
+    table.add_column("description")
+    table.add_column("reproduces")
+    for name in preset_names():
+        data = load_preset_data(name)
+        table.add_row(name, data.get("description", ""), data.get("reference", ""))
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_validate(args) -> int:
+    from .spec import load_preset
+
+    spec = load_preset(args.file)
+    print(f"ok: {args.file}: {spec.summary()}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from .spec import load_preset
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.name={json.dumps(args.model)}")
+    if args.out:
+        overrides += ["export.save=true", f"export.out={json.dumps(args.out)}"]
+    spec = load_preset(args.preset, overrides)
+    if args.backend != "inprocess":
+        raise UserError(f"backend {args.backend!r} is not available", "use --backend inprocess")
+    return run_inprocess(spec, as_json=args.json, quiet=args.quiet)
+
+
+def run_inprocess(spec, as_json: bool = False, quiet: bool = False) -> int:
+    """Run a spec in this process, recording every event in the run history."""
+    from rich.console import Console
+
+    from .console import ProgressDisplay, summary_table
+    from .engine import Run
+    from .events import RunFailed, fanout
+    from .history import History
+
+    console = Console(stderr=True)
+    history = History()
+    run = Run(spec)
+    history.create_run(run.run_id, spec.to_dict(), name=spec.name, model=spec.model.name, out_dir=str(run.run_dir))
+    display = ProgressDisplay(console, enabled=not quiet)
+    run.emit = fanout(history.recorder(run.run_id), display)
+    console.print(f"run [bold]{run.run_id}[/]: {spec.summary()}")
+    try:
+        with display:
+            summary = run.execute()
+        if summary.get("export"):
+            history.add_artifact(run.run_id, "model", summary["export"])
+        history.finish_run(run.run_id, summary)
+    except KeyboardInterrupt:
+        run.emit(RunFailed(run_id=run.run_id, kind="cancelled", message="interrupted"))
+        history.fail_run(run.run_id, "cancelled", "interrupted by the user")
+        _err("interrupted; the events so far are kept in the run history", f"workbench show {run.run_id}")
+        return EXIT_FAILED
+    except WorkbenchError as exc:
+        run.emit(RunFailed(run_id=run.run_id, kind=exc.kind, message=exc.message, hint=exc.hint))
+        history.fail_run(run.run_id, exc.kind, exc.message, exc.hint)
+        _err(exc.message, exc.hint)
+        return exc.exit_code
+    except Exception as exc:  # a bug or a library failure: keep what was computed, say where it is
+        tb = traceback.format_exc()
+        run.emit(RunFailed(run_id=run.run_id, kind="run_failed", message=f"{type(exc).__name__}: {exc}", hint=tb[-2000:]))
+        history.fail_run(run.run_id, "run_failed", f"{type(exc).__name__}: {exc}", tb[-4000:])
+        _err(f"the run failed: {type(exc).__name__}: {exc}", f"the traceback is stored with the run: workbench show {run.run_id}")
+        if os.environ.get("WORKBENCH_DEBUG"):
+            print(tb, file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        history.close()
+    console.print(summary_table(summary))
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+    return EXIT_OK
+
+
+def cmd_history(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .history import History
+
+    with History() as h:
+        runs = h.runs(limit=args.limit)
+        rows = []
+        for r in runs:
+            ppl = {f"{m['dataset']}:{m['phase']}": m["value"] for m in h.metrics(r.id)}
+            rows.append((r, ppl))
+    if args.json:
+        print(json.dumps([{"id": r.id, "name": r.name, "status": r.status, "model": r.model, "created": r.created,
+                           "metrics": ppl} for r, ppl in rows], indent=2))
+        return EXIT_OK
+    import time as _time
+
+    table = Table(title="run history")
+    for col in ("run", "name", "status", "model", "started", "perplexity (dense -> compressed)"):
+        table.add_column(col)
+    for r, ppl in rows:
+        parts = []
+        for key in sorted({k.split(":")[0] for k in ppl}):
+            b, a = ppl.get(f"{key}:before"), ppl.get(f"{key}:after")
+            parts.append(f"{key} {b:.2f}" if a is None and b is not None else
+                         f"{key} {b:.2f} -> {a:.2f}" if b is not None else f"{key} {a:.2f}")
+        table.add_row(r.id, r.name, r.status, r.model or "", _time.strftime("%Y-%m-%d %H:%M", _time.localtime(r.created)), "; ".join(parts))
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from rich.console import Console
+
+    from .console import summary_table
+    from .history import History
+
+    with History() as h:
+        r = h.get(args.run_id)
+        metrics = h.metrics(r.id)
+        events = h.events(r.id) if args.events or args.json else []
+        artifacts = h.artifacts(r.id)
+    if args.json:
+        print(json.dumps({"id": r.id, "name": r.name, "status": r.status, "spec": r.spec, "summary": r.summary,
+                          "error": r.error, "metrics": metrics, "artifacts": artifacts, "events": events}, indent=2))
+        return EXIT_OK
+    console = Console()
+    console.print(f"[bold]{r.id}[/] {r.name}: {r.status}")
+    console.print(json.dumps(r.spec, indent=2))
+    if r.summary:
+        console.print(summary_table(r.summary))
+    else:
+        for m in metrics:
+            console.print(f"perplexity {m['dataset']} {m['phase']}: {m['value']:.3f} (seqlen {m['seqlen']})")
+    if r.error:
+        console.print(f"[red]{r.error.get('kind')}[/]: {r.error.get('message')}")
+        if r.error.get("hint"):
+            console.print(f"hint: {r.error['hint']}")
+    for a in artifacts:
+        console.print(f"{a['kind']}: {a['path']}")
+    for e in events:
+        console.print(json.dumps(e))
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "presets": cmd_presets, "validate": cmd_validate, "history": cmd_history, "show": cmd_show}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_OK
+    try:
+        return COMMANDS[args.command](args)
+    except WorkbenchError as exc:
+        _err(exc.message, exc.hint)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

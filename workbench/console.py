@@ -1,0 +1,87 @@
+"""Headless progress display: rich progress bars fed by the event stream, and the final table."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .events import Event
+
+
+class ProgressDisplay:
+    """Consumes events; one bar per stage, advanced per layer or per batch of windows."""
+
+    def __init__(self, console: Console | None = None, enabled: bool = True):
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+            disable=not enabled,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: Event) -> None:
+        kind = event.type
+        p = self.progress
+        if kind == "stage_started":
+            self.tasks[event.stage] = p.add_task(event.title or event.stage, total=event.total, detail="")
+        elif kind == "progress" and event.stage in self.tasks:
+            p.update(self.tasks[event.stage], completed=event.done, total=event.total, detail=event.detail)
+        elif kind == "layer_done" and event.stage in self.tasks:
+            p.update(self.tasks[event.stage], completed=event.layer + 1, total=event.total,
+                     detail=f"layer {event.layer}: {event.sparsity:.1%} in {event.seconds:.2f}s")
+        elif kind == "stage_finished" and event.stage in self.tasks:
+            tid = self.tasks[event.stage]
+            total = next(t.total for t in p.tasks if t.id == tid) or 1
+            p.update(tid, completed=total, total=total)
+        elif kind == "metric":
+            p.console.print(f"  {event.name} {event.dataset} ({event.phase}, seqlen {event.seqlen}, "
+                            f"{event.windows} windows{', limit ' + str(event.limit) if event.limit else ''}): {event.value:.3f}")
+        elif kind == "warning":
+            p.console.print(f"[yellow]warning:[/] {event.message}")
+        elif kind == "log" and event.level in ("warning", "error"):
+            p.console.print(f"[yellow]{event.level}:[/] {event.message}")
+
+
+def summary_table(summary: dict) -> Table:
+    """Perplexity before/after per dataset, sparsity per step, times."""
+    table = Table(title=f"run {summary.get('run_id', '')}: {summary.get('name', '')}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    by_ds: dict[str, dict] = {}
+    for m in summary.get("metrics", []):
+        by_ds.setdefault(m["dataset"], {})[m["phase"]] = m
+    for ds, phases in by_ds.items():
+        any_m = next(iter(phases.values()))
+        note = f"seqlen {any_m['seqlen']}, {any_m['windows']} windows" + (f", limit {any_m['limit']}" if any_m.get("limit") else "")
+        before = phases.get("before", {}).get("value")
+        after = phases.get("after", {}).get("value")
+        if before is not None:
+            table.add_row(f"perplexity {ds} dense ({note})", f"{before:.3f}")
+        if after is not None:
+            table.add_row(f"perplexity {ds} compressed ({note})", f"{after:.3f}")
+    for step in summary.get("steps", []):
+        table.add_row(f"{step['label']}: achieved sparsity", f"{step['sparsity']:.4f}")
+        table.add_row(f"{step['label']}: time", f"{step.get('seconds', 0):.2f} s")
+    for stage, seconds in summary.get("timings", {}).items():
+        if not stage.startswith("prune"):
+            table.add_row(f"time {stage}", f"{seconds:.2f} s")
+    if summary.get("export"):
+        table.add_row("exported to", str(summary["export"]))
+    return table

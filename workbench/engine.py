@@ -1,0 +1,213 @@
+"""A whole run: load, calibrate, evaluate the dense model, compress step by step, evaluate, export.
+
+``execute(spec, emit, cancel)`` is the one entry point the headless CLI, the
+worker and the TUI (through the worker) use. Everything it does is reported as
+events (``workbench.events``); it returns the run's summary.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .errors import Cancelled, RunError, UserError, WorkbenchError
+from .events import Emit, Log, Metric, Progress, RunFinished, RunStarted, StageFinished, StageStarted, Warning_
+from .history import cache_dir, new_run_id, workbench_home
+from .spec import PruneStep, RunSpec, validate
+
+MAX_SEQLEN = 2048
+
+
+def versions() -> dict:
+    import transformers
+
+    return {
+        "workbench": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _oom_types() -> tuple:
+    types = [torch.OutOfMemoryError] if hasattr(torch, "OutOfMemoryError") else []
+    types.append(MemoryError)
+    return tuple(types)
+
+
+class Run:
+    """State of one run while it executes."""
+
+    def __init__(self, spec: RunSpec, emit: Emit | None = None, cancel: Callable[[], bool] | None = None,
+                 run_id: str | None = None, run_dir: Path | None = None):
+        self.spec = validate(spec)
+        self.emit = emit or (lambda e: None)
+        self.cancel = cancel
+        self.run_id = run_id or new_run_id()
+        self.run_dir = Path(run_dir) if run_dir else workbench_home() / "runs" / self.run_id
+        self.timings: dict[str, float] = {}
+        self.metrics: list[dict] = []
+        self.steps: list[dict] = []
+        self.loaded = None
+        self.summary: dict = {}
+
+    # ------------------------------------------------------------------ stages
+    @contextmanager
+    def stage(self, name: str, title: str, total: int | None = None):
+        self._check_cancel()
+        self.emit(StageStarted(stage=name, title=title, total=total))
+        t0 = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t0
+        self.timings[name] = round(seconds, 3)
+        self.emit(StageFinished(stage=name, seconds=seconds))
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("the run was cancelled", "partial results are kept in the run history")
+
+    # ------------------------------------------------------------------ pieces
+    def load(self):
+        from .models import load_model, model_summary
+
+        m = self.spec.model
+        with self.stage("load", f"Loading {m.name}"):
+            self.loaded = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+            info = model_summary(self.loaded)
+            self.model_info = info
+            self.emit(Log(message=f"{info.get('architecture')} with {info.get('layers')} layers, "
+                                  f"{info.get('parameters', 0) / 1e6:.1f}M parameters, {self.loaded.dtype} on {self.loaded.device}"))
+        return self.loaded
+
+    def context_seqlen(self) -> int:
+        return min(MAX_SEQLEN, int(self.loaded.adapter.context_length or MAX_SEQLEN))
+
+    def calibrate(self) -> torch.Tensor:
+        from .calibration import calibration_samples
+
+        c = self.spec.calibration
+        seqlen = c.seqlen or self.context_seqlen()
+        if seqlen > self.loaded.adapter.context_length:
+            self.emit(Warning_(message=f"calibration seqlen {seqlen} exceeds the model's context ({self.loaded.adapter.context_length})"))
+        with self.stage("calibrate", f"Calibration data: {c.nsamples} x {seqlen} tokens of {c.source}"):
+            tokens = calibration_samples(c.source, self.loaded.tokenizer, nsamples=c.nsamples, seqlen=seqlen,
+                                         seed=c.seed, cache_dir=cache_dir() / "calibration", model=self.loaded.model)
+        self.calibration_info = {"source": c.source, "nsamples": c.nsamples, "seqlen": seqlen, "seed": c.seed}
+        return tokens
+
+    def evaluate(self, phase: str) -> None:
+        from .perplexity import eval_tokens, perplexity
+
+        e = self.spec.evaluate
+        if not e.perplexity:
+            return
+        loaded = self.loaded
+        seqlen = e.seqlen or self.context_seqlen()
+        device = torch.device(loaded.device)
+        name = f"evaluate:{phase}"
+        with self.stage(name, f"Perplexity ({'dense' if phase == 'before' else 'compressed'})"):
+            loaded.model.to(device)
+            try:
+                for ds in e.perplexity:
+                    ids = eval_tokens(ds, loaded.tokenizer, seqlen)
+
+                    def progress(done, total, ds=ds):
+                        self.emit(Progress(stage=name, done=done, total=total, detail=ds))
+
+                    result = perplexity(loaded.model, ids, seqlen, limit=e.limit, batch_size=e.batch_size,
+                                        device=device, progress=progress, cancel=self.cancel)
+                    metric = {"name": "perplexity", "dataset": ds, "phase": phase, "value": float(result["ppl"]),
+                              "seqlen": seqlen, "windows": int(result["windows"]), "limit": e.limit}
+                    self.metrics.append(metric)
+                    self.emit(Metric(**metric))
+            finally:
+                if device.type != "cpu":
+                    loaded.model.to("cpu")
+                    torch.cuda.empty_cache()
+
+    def prune(self, index: int, step: PruneStep, tokens: torch.Tensor) -> None:
+        from .pruner import Pruner
+
+        name = f"prune:{index}"
+        layers = len(self.loaded.adapter.layers)
+        with self.stage(name, f"Pruning: {step.label()}", total=layers):
+            pruner = Pruner(self.loaded, tokens, step, batch_size=self.spec.calibration.batch_size,
+                            offload_activations=self.spec.calibration.offload_activations,
+                            emit=self.emit, cancel=self.cancel, stage=name)
+            report = pruner.run()
+        report["seconds"] = self.timings[name]
+        self.steps.append(report)
+        self.emit(Log(message=f"{step.label()}: achieved sparsity {report['sparsity']:.4f} of the decoder's linear weights"))
+
+    def export(self) -> str | None:
+        x = self.spec.export
+        if not x.save:
+            return None
+        from .export import export_model
+
+        out = Path(x.out).expanduser() if x.out else self.run_dir / "model"
+        dtype = None
+        if x.dtype == "auto":
+            original = getattr(self.loaded.model.config, "dtype", None) or getattr(self.loaded.model.config, "torch_dtype", None)
+            if isinstance(original, str):
+                original = getattr(torch, original, None)
+            dtype = original if isinstance(original, torch.dtype) else None
+        else:
+            dtype = getattr(torch, x.dtype)
+        with self.stage("export", f"Saving to {out}"):
+            path = export_model(self.loaded.model, self.loaded.tokenizer, out, self.build_summary(exported=str(out)), dtype=dtype)
+        return str(path)
+
+    def build_summary(self, exported: str | None = None) -> dict:
+        return {
+            "run_id": self.run_id,
+            "name": self.spec.name,
+            "spec": self.spec.to_dict(),
+            "model": getattr(self, "model_info", None),
+            "calibration": getattr(self, "calibration_info", None),
+            "steps": self.steps,
+            "metrics": self.metrics,
+            "timings": self.timings,
+            "export": exported,
+            "versions": versions(),
+        }
+
+    # ------------------------------------------------------------------ all
+    def execute(self) -> dict:
+        t0 = time.perf_counter()
+        self.emit(RunStarted(run_id=self.run_id, spec=self.spec.to_dict()))
+        try:
+            with torch.no_grad():
+                self.load()
+                tokens = self.calibrate() if self.spec.steps else None
+                if self.spec.evaluate.before or not self.spec.steps:
+                    self.evaluate("before")
+                for i, step in enumerate(self.spec.steps):
+                    self.prune(i, step, tokens)
+                if self.spec.steps:
+                    self.evaluate("after")
+                exported = self.export()
+        except _oom_types() as exc:
+            hint = ("use fewer calibration samples (calibration.nsamples), keep activations on the CPU "
+                    "(calibration.offload_activations = true), a smaller batch (calibration.batch_size) or a 16-bit dtype")
+            raise RunError(f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", hint) from exc
+        self.summary = self.build_summary(exported)
+        seconds = time.perf_counter() - t0
+        self.summary["seconds"] = round(seconds, 3)
+        self.emit(RunFinished(run_id=self.run_id, summary=self.summary, seconds=seconds))
+        return self.summary
+
+
+def execute(spec: RunSpec, emit: Emit | None = None, cancel: Callable[[], bool] | None = None,
+            run_id: str | None = None, run_dir: Path | None = None) -> dict:
+    """Run a spec to the end; raise UserError (bad input), RunError or Cancelled."""
+    return Run(spec, emit, cancel, run_id, run_dir).execute()
+
+
+__all__ = ["execute", "Run", "versions", "WorkbenchError", "UserError"]

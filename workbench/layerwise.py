@@ -1,0 +1,249 @@
+"""Layer-by-layer calibration: one decoder layer on the compute device at a time.
+
+``capture_inputs`` runs the model's own forward up to the decoder layers and
+records, for every layer and every calibration batch, the exact positional and
+keyword arguments the model passes it (attention mask, position ids, rotary
+embeddings, per-layer masks of sliding-window models...), with the KV cache
+removed: a cache handed from call to call would make each layer attend to keys
+left by earlier samples. Layer 0's input hidden states are kept; the layers
+themselves are not computed during capture.
+
+``LayerRunner`` then moves one layer to the device, optionally collects
+statistics of its linear sublayers' inputs with hooks, and re-runs it to turn
+its inputs into the next layer's inputs, in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
+
+
+class _StopForward(Exception):
+    """Raised at the final norm to stop the model's forward after the layers."""
+
+
+def _is_cache(value) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, Cache)
+
+
+def _sanitize(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    args = tuple(None if _is_cache(a) else a for a in args)
+    clean = {}
+    for key, value in kwargs.items():
+        if key in _CACHE_KWARGS or _is_cache(value):
+            clean[key] = None
+        elif key == "use_cache":
+            clean[key] = False
+        else:
+            clean[key] = value
+    return args, clean
+
+
+def _share_equal(value, reference):
+    """Reuse the first batch's tensors where a later batch's are equal (masks, rotary tables)."""
+    if isinstance(value, torch.Tensor) and isinstance(reference, torch.Tensor):
+        if value is reference:
+            return reference
+        if value.shape == reference.shape and value.dtype == reference.dtype and value.device == reference.device and torch.equal(value, reference):
+            return reference
+        return value
+    if isinstance(value, tuple) and isinstance(reference, tuple) and len(value) == len(reference):
+        return tuple(_share_equal(v, r) for v, r in zip(value, reference))
+    return value
+
+
+@dataclass
+class Captured:
+    """Layer 0's inputs per batch and every layer's other arguments per batch."""
+
+    hidden: list[torch.Tensor]  # per batch: (batch, seqlen, hidden), on the storage device
+    layer_args: list[list[tuple[tuple, dict]]]  # [layer][batch] -> (args after hidden_states, kwargs)
+    batch_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def _move_modules(modules: list[nn.Module], device) -> None:
+    for module in modules:
+        module.to(device)
+
+
+@torch.no_grad()
+def capture_inputs(adapter, tokens: torch.Tensor, device, batch_size: int = 8, store_device=None) -> Captured:
+    """Run the model's forward over ``tokens`` (n, seqlen) and record every decoder layer's arguments."""
+    model = adapter.model
+    layers = adapter.layers
+    store_device = torch.device(store_device) if store_device is not None else torch.device(device)
+    batches = list(torch.split(tokens, batch_size))
+    hidden: list[torch.Tensor] = []
+    layer_args: list[list] = [[None] * len(batches) for _ in range(len(layers))]
+    state = {"batch": 0}
+
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            if args:
+                states, rest = args[0], args[1:]
+            else:
+                states, rest = kwargs.pop("hidden_states"), ()
+            rest, kwargs = _sanitize(rest, kwargs)
+            b = state["batch"]
+            if b > 0 and layer_args[index][0] is not None:
+                ref_args, ref_kwargs = layer_args[index][0]
+                rest = tuple(_share_equal(v, r) for v, r in zip(rest, ref_args))
+                kwargs = {k: _share_equal(v, ref_kwargs.get(k)) for k, v in kwargs.items()}
+            layer_args[index][b] = (rest, kwargs)
+            if index == 0:
+                hidden.append(states.detach().to(store_device))
+            return states  # the layers are not computed during capture
+
+        return forward
+
+    stop_at = adapter.final_norm if adapter.final_norm is not None else adapter.lm_head
+
+    def stop(module, inputs):
+        raise _StopForward
+
+    pre = adapter.pre_layer_modules()
+    handle = stop_at.register_forward_pre_hook(stop)
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    _move_modules(pre, device)
+    try:
+        for b, batch in enumerate(batches):
+            state["batch"] = b
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for layer in layers:
+            if "forward" in layer.__dict__:
+                del layer.forward
+        _move_modules(pre, "cpu" if _model_home(adapter) == "cpu" else device)
+    missing = [i for i, per_batch in enumerate(layer_args) if any(a is None for a in per_batch)]
+    if missing:
+        raise RuntimeError(f"decoder layers {missing} were not called by the model's forward")
+    return Captured(hidden=hidden, layer_args=layer_args, batch_sizes=[b.shape[0] for b in batches])
+
+
+def _model_home(adapter) -> str:
+    """Where the model's weights live between layer visits (the engine keeps them on the CPU)."""
+    return getattr(adapter, "home_device", "cpu")
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class InputStats:
+    """Statistics of one input tensor shared by one or more linear sublayers."""
+
+    def __init__(self, in_features: int, device, hessian: bool, sq_norm: bool):
+        self.tokens = 0
+        self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device) if sq_norm else None
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        if self.sq_norm is not None:
+            self.sq_norm += x.pow(2).sum(0)
+        if self.hessian is not None:
+            self.hessian.addmm_(x.t(), x)
+
+
+@dataclass
+class LayerStats:
+    """Per linear name: its statistics object (shared within a group) and the groups."""
+
+    stats: dict[str, InputStats]
+    groups: list[list[str]]  # linears that read the same input tensor, in module order
+
+
+class LayerRunner:
+    """Runs captured inputs through layers one at a time, in place."""
+
+    def __init__(self, adapter, captured: Captured, device, store_device=None):
+        self.adapter = adapter
+        self.captured = captured
+        self.device = torch.device(device)
+        self.store_device = torch.device(store_device) if store_device is not None else self.device
+
+    def _forward_batch(self, layer: nn.Module, index: int, b: int) -> torch.Tensor:
+        args, kwargs = self.captured.layer_args[index][b]
+        x = self.captured.hidden[b].to(self.device)
+        return _layer_output(layer(x, *args, **kwargs))
+
+    @torch.no_grad()
+    def collect(self, layer: nn.Module, index: int, linears: dict[str, nn.Module], hessian: bool, sq_norm: bool,
+                weight_shape: Callable[[nn.Module], tuple[int, int]]) -> LayerStats:
+        """One pass over all batches with hooks on ``linears``; linears fed the same tensor share statistics."""
+        stats: dict[str, InputStats] = {}
+        leader_of: dict[str, str] = {}
+        seen: dict[int, tuple[str, torch.Tensor]] = {}  # id(input) -> (leader, input kept alive for this batch)
+        first_batch = {"on": True}
+
+        def hook(name):
+            def fn(module, inputs, output):
+                x = inputs[0]
+                if first_batch["on"]:
+                    key = id(x)
+                    if key in seen:
+                        leader_of[name] = seen[key][0]
+                    else:
+                        seen[key] = (name, x)
+                        leader_of[name] = name
+                        stats[name] = InputStats(weight_shape(module)[1], self.device, hessian, sq_norm)
+                if leader_of[name] == name:
+                    stats[name].add(x)
+
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+        try:
+            for b in range(len(self.captured.hidden)):
+                self._forward_batch(layer, index, b)
+                first_batch["on"] = False
+                seen.clear()
+        finally:
+            for h in handles:
+                h.remove()
+        groups: dict[str, list[str]] = {}
+        for name in linears:
+            if name in leader_of:
+                groups.setdefault(leader_of[name], []).append(name)
+        return LayerStats(stats={n: stats[leader_of[n]] for n in leader_of}, groups=list(groups.values()))
+
+    @torch.no_grad()
+    def propagate(self, layer: nn.Module, index: int) -> None:
+        """Replace the stored inputs by this layer's outputs (the next layer's inputs)."""
+        for b in range(len(self.captured.hidden)):
+            out = self._forward_batch(layer, index, b)
+            self.captured.hidden[b] = out.to(self.store_device)
+
+    @torch.no_grad()
+    def final_hidden(self) -> list[torch.Tensor]:
+        """The final norm applied to the last layer's outputs: the LM head's inputs."""
+        norm = self.adapter.final_norm
+        outs = []
+        if norm is not None:
+            norm.to(self.device)
+        for h in self.captured.hidden:
+            x = h.to(self.device)
+            outs.append(norm(x) if norm is not None else x)
+        if norm is not None:
+            norm.to(_model_home(self.adapter))
+        return outs

@@ -1,0 +1,1 @@
+"""Pruning methods: pure tensor functions that return masks or updated weights."""
