@@ -236,14 +236,14 @@ class LayerRunner:
 
     @torch.no_grad()
     def final_hidden(self) -> list[torch.Tensor]:
-        """The final norm applied to the last layer's outputs: the LM head's inputs."""
-        norm = self.adapter.final_norm
+        """The last layer's outputs passed through the modules before the LM head (final norm...)."""
+        post = self.adapter.post_layer_modules()
+        _move_modules(post, self.device)
         outs = []
-        if norm is not None:
-            norm.to(self.device)
         for h in self.captured.hidden:
             x = h.to(self.device)
-            outs.append(norm(x) if norm is not None else x)
-        if norm is not None:
-            norm.to(_model_home(self.adapter))
+            for module in post:
+                x = module(x)
+            outs.append(x)
+        _move_modules(post, _model_home(self.adapter))
         return outs
