@@ -1,0 +1,190 @@
+"""Wall time and peak memory of each pruning stage, with a baseline measured in the same run.
+
+The baseline is one dense layer-by-layer pass (capture the inputs, run every
+layer once over all calibration tokens): the work every calibrated method must
+at least do. Each method's ratio to it is printed beside its time.
+
+    python benchmarks/prune_bench.py                 # the demo model on the CPU (128 x 512 C4 tokens)
+    python benchmarks/prune_bench.py --llama7b       # also a Llama-2-7B-shaped random bf16 model when CUDA is present
+    python benchmarks/prune_bench.py --json out.json # the table as JSON too
+
+Model loading is excluded from every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workbench.layerwise import LayerRunner, capture_inputs  # noqa: E402
+from workbench.models import LoadedModel, get_adapter  # noqa: E402
+from workbench.pruner import Pruner  # noqa: E402
+from workbench.spec import PruneStep  # noqa: E402
+
+
+class PeakRSS:
+    """Samples the process's resident memory in a thread; the peak over a block."""
+
+    def __init__(self, interval: float = 0.02):
+        import psutil
+
+        self.proc = psutil.Process(os.getpid())
+        self.interval = interval
+        self.peak = 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return seconds, rss.peak / 2**30, gpu
+
+
+@torch.no_grad()
+def dense_pass(loaded, tokens, batch_size):
+    adapter = loaded.adapter
+    device = torch.device(loaded.device)
+    captured = capture_inputs(adapter, tokens, device, batch_size)
+    runner = LayerRunner(adapter, captured, device)
+    for i, layer in enumerate(adapter.layers):
+        layer.to(device)
+        runner.propagate(layer, i)
+        layer.to("cpu")
+
+
+def bench_model(label, loaded, tokens, methods, batch_size):
+    device = torch.device(loaded.device)
+    rows = []
+    state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    base_s, base_rss, base_gpu = measure(lambda: dense_pass(loaded, tokens, batch_size), device)
+    rows.append({"model": label, "method": "dense pass (baseline)", "seconds": base_s, "ratio": 1.0,
+                 "cpu_rss_gib": base_rss, "gpu_peak_gib": base_gpu})
+    for name, step in methods:
+        loaded.model.load_state_dict(state)
+        pruner = Pruner(loaded, tokens, step, batch_size=batch_size)
+        s, rss, gpu = measure(pruner.run, device)
+        rows.append({"model": label, "method": name, "seconds": s, "ratio": s / base_s, "cpu_rss_gib": rss, "gpu_peak_gib": gpu})
+        print(f"  {label} {name}: {s:.2f} s", file=sys.stderr, flush=True)
+    loaded.model.load_state_dict(state)
+    return rows
+
+
+METHODS = [
+    ("magnitude 50%", PruneStep(method="magnitude", sparsity=0.5)),
+    ("wanda 50%", PruneStep(method="wanda", sparsity=0.5)),
+    ("sparsegpt 50%", PruneStep(method="sparsegpt", sparsity=0.5)),
+    ("wanda 2:4", PruneStep(method="wanda", pattern="2:4")),
+    ("sparsegpt 2:4", PruneStep(method="sparsegpt", pattern="2:4")),
+]
+
+
+def demo_rows(device, nsamples, seqlen, batch_size):
+    from workbench.calibration import calibration_samples
+    from workbench.models import load_model
+
+    loaded = load_model("demo", dtype="float32", device=str(device))
+    tokens = calibration_samples("c4", loaded.tokenizer, nsamples=nsamples, seqlen=seqlen, seed=0)
+    return bench_model(f"demo ({device.type}, fp32, {nsamples}x{seqlen})", loaded, tokens, METHODS, batch_size)
+
+
+def llama7b_rows(device, nsamples, seqlen, batch_size, layers=32):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = model.to_empty(device="cpu").eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    for p in model.parameters():  # random weights made on the GPU (fast), kept in CPU memory
+        if p.ndim >= 2:
+            p.data.copy_((torch.randn(p.shape, generator=gen, device=device, dtype=torch.bfloat16) * 0.02).cpu())
+        else:
+            p.data.fill_(1.0)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config)
+    loaded = LoadedModel(model=model, tokenizer=None, adapter=get_adapter(model), source="random-7b",
+                         device=device, dtype=torch.bfloat16)
+    tokens = torch.randint(0, config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    methods = [m for m in METHODS if m[0] in ("magnitude 50%", "wanda 50%", "sparsegpt 50%", "sparsegpt 2:4")]
+    return bench_model(f"llama-7b shape ({layers} layers, bf16, {nsamples}x{seqlen})", loaded, tokens, methods, batch_size)
+
+
+def print_table(rows):
+    head = f"{'model':<44} {'method':<22} {'wall s':>8} {'x baseline':>10} {'CPU RSS GiB':>12} {'GPU peak GiB':>13}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        gpu = f"{r['gpu_peak_gib']:.2f}" if r["gpu_peak_gib"] is not None else "-"
+        print(f"{r['model']:<44} {r['method']:<22} {r['seconds']:>8.2f} {r['ratio']:>10.2f} {r['cpu_rss_gib']:>12.2f} {gpu:>13}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512, help="demo model seqlen (its context is 512)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--llama7b", action="store_true", help="also the 7B shape (needs CUDA)")
+    ap.add_argument("--layers", type=int, default=32, help="layers of the 7B shape")
+    ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    rows = []
+    if not args.skip_demo:
+        rows += demo_rows(torch.device("cpu"), args.nsamples, args.seqlen, args.batch_size)
+        if cuda:
+            rows += demo_rows(torch.device("cuda"), args.nsamples, args.seqlen, args.batch_size)
+    if args.llama7b:
+        if not cuda:
+            print("no CUDA device: skipping the 7B shape", file=sys.stderr)
+        else:
+            rows += llama7b_rows(torch.device("cuda"), 128, 2048, args.batch_size, args.layers)
+    if cuda:
+        print(f"GPU: {torch.cuda.get_device_name(0)}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Write a compressed model as a plain Hugging Face folder, atomically.
+
+The folder holds what ``model.save_pretrained`` (safetensors) and
+``tokenizer.save_pretrained`` write, plus ``compression.json`` describing the run.
+It loads back with ``AutoModelForCausalLM.from_pretrained(folder)`` and
+``AutoTokenizer.from_pretrained(folder)`` and nothing from workbench.
+
+Everything is written into a hidden temporary folder beside the target
+(``.NAME.tmp-XXXXXXXX``) and renamed into place only when complete. An existing
+target is replaced only after the new folder is complete; on any failure the
+temporary folder is removed and a previous target is left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.errors import RunError, UserError
+
+INFO_FILE = "compression.json"
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import transformers
+
+    import workbench
+
+    versions = {
+        "workbench": getattr(workbench, "__version__", "unknown"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import safetensors
+
+        versions["safetensors"] = safetensors.__version__
+    except Exception:  # pragma: no cover - safetensors is a dependency of transformers
+        pass
+    return versions
+
+
+def _jsonable(value: Any) -> Any:
+    """``default=`` for json.dumps: paths, dtypes, devices, tensors and numpy scalars become plain values."""
+    if isinstance(value, (Path, torch.dtype, torch.device)):
+        return str(value).replace("torch.", "") if isinstance(value, torch.dtype) else str(value)
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.detach().cpu().tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        try:
+            return value.item()
+        except Exception:
+            pass
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy arrays
+        return value.tolist()
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return value.to_dict()
+    return str(value)
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    text = str(dtype).strip().lower().replace("torch.", "")
+    if text in ("", "none", "auto", "same"):
+        return None
+    if text not in names:
+        raise UserError(f"unknown export dtype '{dtype}'", hint=f"use one of: {', '.join(names)} (or leave it out)")
+    return names[text]
+
+
+def _cast_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state dict with floating tensors cast to ``dtype``.
+
+    This costs one extra copy of every floating tensor whose dtype changes (the model
+    itself is not modified); tensors that share storage (tied embeddings) stay shared.
+    """
+    cast: dict[tuple, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            out[name] = tensor
+            continue
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in cast:
+            cast[key] = tensor.detach().to(dtype)
+        out[name] = cast[key]
+    return out
+
+
+def _fix_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """save_pretrained records the model's in-memory dtype; record the dtype the weights were saved in."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    name = str(dtype).replace("torch.", "")
+    data["dtype"] = name
+    if "torch_dtype" in data:
+        data["torch_dtype"] = name
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _new_sibling(parent: Path, stem: str, tag: str) -> Path:
+    for _ in range(100):
+        candidate = parent / f".{stem}.{tag}-{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RunError(f"could not create a temporary folder in '{parent}'", hint="remove stale .*.tmp-* folders there")
+
+
+def _check_target(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"export path '{out_dir}' is an existing file, not a folder",
+                        hint="pass a new folder path (it is created) or an existing export folder to replace")
+    from workbench.models import DEMO_MODEL_DIR
+
+    try:
+        if out_dir.exists() and out_dir.resolve() == DEMO_MODEL_DIR.resolve():
+            raise UserError("refusing to export over the bundled demo model",
+                            hint="pass another output folder")
+    except OSError:
+        pass
+    if out_dir.name in ("", ".", ".."):
+        raise UserError(f"export path '{out_dir}' is not a folder name", hint="pass a folder path such as runs/pruned-model")
+
+
+def export_model(model, tokenizer, out_dir, info: dict, dtype=None) -> Path:
+    """Save ``model`` and ``tokenizer`` to ``out_dir`` with ``compression.json``; return the folder.
+
+    ``info`` (run spec, per-layer sparsity, metrics, timings...) is written as
+    ``compression.json``; the versions of workbench, torch and transformers are added
+    under ``"versions"`` when missing. ``dtype`` ("float32" | "bfloat16" | "float16" or
+    a torch dtype) saves the weights in that dtype without modifying the model, at the
+    cost of one cast copy of the weights in memory; by default the model is saved as it is.
+
+    Atomic: a failure leaves no partial folder and any previous ``out_dir`` untouched.
+    """
+    out_dir = Path(os.fspath(out_dir)).expanduser().absolute()
+    _check_target(out_dir)
+    target_dtype = _resolve_dtype(dtype)
+    if info is None:
+        info = {}
+    if not isinstance(info, dict):
+        raise UserError("export info must be a dict", hint="pass the run description as a dict")
+
+    payload = dict(info)
+    versions = dict(payload.get("versions") or {})
+    for key, value in _versions().items():
+        versions.setdefault(key, value)
+    payload["versions"] = versions
+    try:
+        info_text = json.dumps(payload, indent=2, default=_jsonable)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"export info cannot be written as JSON: {exc}", hint="pass plain values in info") from exc
+
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder '{parent}': {exc.strerror or exc}",
+                        hint="check the path and its permissions") from exc
+
+    tmp = _new_sibling(parent, out_dir.name, "tmp")
+    try:
+        model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if target_dtype is not None and target_dtype != model_dtype:
+            model.save_pretrained(tmp, state_dict=_cast_state_dict(model, target_dtype))
+            _fix_config_dtype(tmp, target_dtype)
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / INFO_FILE).write_text(info_text + "\n", encoding="utf-8")
+        if not any(tmp.glob("*.safetensors")):
+            raise RunError("the export wrote no safetensors weights", hint="this is a bug; please report it")
+        _swap_into_place(tmp, out_dir)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise RunError(f"could not write the export to '{out_dir}': {exc.strerror or exc}",
+                           hint="check the free disk space and the folder's permissions") from exc
+        raise
+    return out_dir
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` folder to ``out_dir``, replacing an existing one only now."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        os.rename(tmp, out_dir)
+        return
+    old = _new_sibling(out_dir.parent, out_dir.name, "old")
+    old.rmdir()  # only the name was needed; os.rename needs the target to be absent (or empty)
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_export_info(folder) -> dict:
+    """The ``compression.json`` of an exported folder (empty dict when absent)."""
+    path = Path(os.fspath(folder)).expanduser() / INFO_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+__all__ = ["export_model", "read_export_info", "INFO_FILE"]
