@@ -76,6 +76,9 @@ class Run:
     def load(self):
         from .models import load_model, model_summary
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress display reports loading
         m = self.spec.model
         with self.stage("load", f"Loading {m.name}"):
             self.loaded = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)

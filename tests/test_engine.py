@@ -1,0 +1,135 @@
+"""The pruning pass on the demo model: achieved sparsity, patterns, OWL, cancellation, export."""
+
+import pytest
+import torch
+
+from workbench.engine import Run
+from workbench.errors import Cancelled
+from workbench.events import LayerDone
+from workbench.models import load_model, weight_matrix
+from workbench.pruner import Pruner
+from workbench.spec import PruneStep, load_preset
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_model("demo", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tokens(demo):
+    from workbench.calibration import calibration_samples
+
+    return calibration_samples("c4", demo.tokenizer, nsamples=8, seqlen=128, seed=0)
+
+
+@pytest.fixture()
+def fresh(demo):
+    """The demo model restored to its dense weights after each test."""
+    state = {k: v.clone() for k, v in demo.model.state_dict().items()}
+    yield demo
+    demo.model.load_state_dict(state)
+
+
+def _weights(loaded):
+    for i, layer in enumerate(loaded.adapter.layers):
+        for name, module in loaded.adapter.linear_modules(layer).items():
+            yield i, name, weight_matrix(module)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_unstructured_sparsity_matches_the_request_in_every_linear(fresh, tokens, method):
+    events = []
+    report = Pruner(fresh, tokens, PruneStep(method=method, sparsity=0.6), batch_size=4, emit=events.append).run()
+    assert [e.layer for e in events if isinstance(e, LayerDone)] == list(range(8))
+    for i, name, w in _weights(fresh):
+        out, cols = w.shape
+        zeros = int((w == 0).sum())
+        if method == "magnitude":  # whole-matrix comparison
+            assert zeros == round(0.6 * w.numel()), (i, name)
+        elif method == "wanda":  # per output row
+            assert ((w == 0).sum(1) == round(0.6 * cols)).all(), (i, name)
+        else:  # SparseGPT picks its mask block by block (128 columns): within rounding of each block
+            blocks = -(-cols // 128)
+            assert abs(zeros - 0.6 * w.numel()) <= out * blocks, (i, name)
+        assert report["layers"][i]["modules"][name]["zeros"] == zeros
+    assert abs(report["sparsity"] - 0.6) < 0.002
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_nm_pattern_is_exact(fresh, tokens, method):
+    Pruner(fresh, tokens, PruneStep(method=method, pattern="2:4"), batch_size=4).run()
+    for i, name, w in _weights(fresh):
+        groups = (w.reshape(w.shape[0], -1, 4) == 0).sum(-1)
+        assert (groups == 2).all(), (i, name)
+
+
+def test_sparsegpt_changes_the_kept_weights_and_wanda_does_not(fresh, tokens):
+    before = {(i, n): w.clone() for i, n, w in _weights(fresh)}
+    Pruner(fresh, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=4).run()
+    for i, n, w in _weights(fresh):
+        kept = w != 0
+        assert torch.equal(w[kept], before[(i, n)][kept])
+
+
+def test_owl_layer_targets_average_to_the_request(fresh, tokens):
+    step = PruneStep(method="wanda", sparsity=0.7, allocation="owl")
+    report = Pruner(fresh, tokens, step, batch_size=4).run()
+    targets = [l["target"] for l in report["layers"]]
+    assert abs(sum(targets) / len(targets) - 0.7) < 1e-6
+    assert max(targets) - min(targets) == pytest.approx(2 * 0.08, abs=1e-6)
+    ratios = report["outlier_ratios"]
+    # more outliers, fewer weights removed
+    order_targets = sorted(range(8), key=lambda i: targets[i])
+    order_ratios = sorted(range(8), key=lambda i: -ratios[i])
+    assert order_targets == order_ratios
+    for layer in report["layers"]:
+        assert abs(layer["sparsity"] - layer["target"]) < 0.002
+
+
+def test_cancel_stops_at_a_layer_boundary(fresh, tokens):
+    seen = []
+
+    def cancel():
+        return len(seen) >= 3
+
+    with pytest.raises(Cancelled):
+        Pruner(fresh, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=4,
+               emit=lambda e: seen.append(e) if isinstance(e, LayerDone) else None, cancel=cancel).run()
+    assert [e.layer for e in seen] == [0, 1, 2]
+
+
+def test_lm_head_is_left_dense_unless_asked(fresh, tokens):
+    head = weight_matrix(fresh.adapter.lm_head)
+    Pruner(fresh, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=4).run()
+    assert int((head == 0).sum()) == 0
+    report = Pruner(fresh, tokens, PruneStep(method="wanda", sparsity=0.5, include_lm_head=True), batch_size=4).run()
+    assert report["lm_head"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert ((head == 0).sum(1) == head.shape[1] // 2).all()
+
+
+def test_run_exports_a_checkpoint_that_transformers_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+    import json
+
+    out = tmp_path / "pruned"
+    spec = load_preset("quickstart", ["calibration.nsamples=8", "calibration.seqlen=64", "evaluate.limit=2",
+                                      "export.save=true", f"export.out=\"{out}\"", "export.dtype=\"float32\"",
+                                      "model.dtype=\"float32\""])
+    events = []
+    run = Run(spec, emit=events.append)
+    summary = run.execute()
+    assert summary["export"] == str(out)
+    types = [e.type for e in events]
+    assert types[0] == "run_started" and types[-1] == "run_finished"
+    assert types.count("metric") == 2 and types.count("layer_done") == 8
+    info = json.loads((out / "compression.json").read_text())
+    assert info["spec"]["steps"][0]["method"] == "wanda"
+    assert len(info["steps"][0]["layers"]) == 8
+    assert {m["phase"] for m in info["metrics"]} == {"before", "after"}
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 8000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, run.loaded.model(ids).logits, rtol=0, atol=0)
+    for (name, a), (_, b) in zip(reloaded.named_parameters(), run.loaded.model.named_parameters()):
+        assert torch.equal(a == 0, b == 0), name
