@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -99,8 +100,13 @@ class Run:
         if seqlen > self.loaded.adapter.context_length:
             self.emit(Warning_(message=f"calibration seqlen {seqlen} exceeds the model's context ({self.loaded.adapter.context_length})"))
         with self.stage("calibrate", f"Calibration data: {c.nsamples} x {seqlen} tokens of {c.source}"):
-            tokens = calibration_samples(c.source, self.loaded.tokenizer, nsamples=c.nsamples, seqlen=seqlen,
-                                         seed=c.seed, cache_dir=cache_dir() / "calibration", model=self.loaded.model)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                tokens = calibration_samples(c.source, self.loaded.tokenizer, nsamples=c.nsamples, seqlen=seqlen,
+                                             seed=c.seed, cache_dir=cache_dir() / "calibration", model=self.loaded.model)
+            for w in caught:
+                if issubclass(w.category, UserWarning):
+                    self.emit(Warning_(message=str(w.message)))
         self.calibration_info = {"source": c.source, "nsamples": c.nsamples, "seqlen": seqlen, "seed": c.seed}
         return tokens
 

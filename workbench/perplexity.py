@@ -1,0 +1,231 @@
+"""Perplexity as the pruning papers measure it (SparseGPT, Wanda).
+
+The evaluation text is tokenized in one call, cut into non-overlapping
+windows of ``seqlen`` tokens (the last partial window is dropped), and
+``ppl = exp(mean over windows of the window's mean next-token loss)``, which
+equals the references' ``exp(sum(loss * seqlen) / (windows * seqlen))``.
+
+- ``wikitext2``: the WikiText-2 raw test rows joined by ``"\\n\\n"``.
+- ``c4``: the first 1,100 bundled C4 validation documents joined by ``" "``,
+  truncated to 256 windows (SparseGPT's C4 protocol).
+- ``file:PATH``: the text of a local file (``workbench.corpora.file_text``).
+
+torch is imported only when tokens are built or a model is evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from workbench import corpora
+from workbench.errors import Cancelled, UserError
+
+if TYPE_CHECKING:
+    import torch
+
+EVAL_DATASETS = ("wikitext2", "c4", "file:PATH")
+C4_EVAL_DOCUMENTS = 1100
+C4_EVAL_WINDOWS = 256
+# float32 logits handled at once when computing losses (128 MiB): bounds the
+# memory a large vocabulary adds on top of the model's own logits.
+_CHUNK_ELEMENTS = 1 << 25
+
+_TOKENS_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_TOKENS_CACHE_SIZE = 6
+_TOKENS_LOCK = threading.Lock()
+
+
+def _parse(dataset: str) -> tuple[str, str]:
+    if not isinstance(dataset, str) or not dataset.strip():
+        raise UserError("no evaluation dataset given", hint=f"use one of: {', '.join(EVAL_DATASETS)}")
+    name, sep, arg = dataset.strip().partition(":")
+    name = name.strip().lower()
+    if name == "file" and arg.strip():
+        return "file", arg.strip()
+    if name in ("wikitext2", "c4") and not sep:
+        return name, ""
+    raise UserError(f"unknown evaluation dataset {dataset!r}", hint=f"use one of: {', '.join(EVAL_DATASETS)}")
+
+
+def eval_text(dataset: str) -> str:
+    """The text perplexity is measured on: ``wikitext2``, ``c4`` or ``file:PATH`` (see the module docstring)."""
+    name, arg = _parse(dataset)
+    if name == "wikitext2":
+        return corpora.wikitext2_text("test")
+    if name == "c4":
+        return " ".join(corpora.c4_documents("validation")[:C4_EVAL_DOCUMENTS])
+    return corpora.file_text(arg)
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{name} must be a whole number of at least {minimum}, not {value!r}", hint=f"set {name} to {minimum} or more")
+    return value
+
+
+def eval_tokens(dataset: str, tokenizer, seqlen: int) -> "torch.Tensor":
+    """The evaluation text's token ids, a ``(1, N)`` long tensor.
+
+    One tokenizer call on the whole text, with the tokenizer's defaults (as
+    the papers do, so a Llama BOS comes first). For ``c4`` only the first
+    ``256 * seqlen`` tokens are kept. Cached in-process by (dataset, file
+    size and mtime for ``file:``, tokenizer identity, seqlen), since a run
+    evaluates before and after compression; a fresh copy is returned.
+    """
+    import torch
+
+    from workbench.calibration import tokenizer_fingerprint
+
+    seqlen = _positive_int("seqlen", seqlen, 2)
+    name, arg = _parse(dataset)
+    stamp = None
+    if name == "file":
+        path = Path(arg).expanduser()
+        try:
+            st = path.stat()
+            stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None  # eval_text raises the proper error below
+    key = (name, arg, stamp, json.dumps(tokenizer_fingerprint(tokenizer), sort_keys=True), seqlen)
+    with _TOKENS_LOCK:
+        cached = _TOKENS_CACHE.get(key)
+        if cached is not None:
+            _TOKENS_CACHE.move_to_end(key)
+            return cached.clone()
+
+    text = eval_text(dataset)
+    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"]
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+    if name == "c4":
+        ids = ids[:, : C4_EVAL_WINDOWS * seqlen]
+    ids = ids.contiguous()
+    with _TOKENS_LOCK:
+        _TOKENS_CACHE[key] = ids
+        while len(_TOKENS_CACHE) > _TOKENS_CACHE_SIZE:
+            _TOKENS_CACHE.popitem(last=False)
+    return ids.clone()
+
+
+def _model_device(model) -> "torch.device":
+    import torch
+
+    try:
+        device = next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+    # Weights offloaded to "meta" are moved in by hooks; inputs start on the CPU.
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+def _window_losses(logits: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
+    """Mean next-token cross-entropy of each window, in float32, without one big float32 copy of the logits.
+
+    ``logits``: ``(windows, seqlen, vocab)``; ``targets``: ``(windows, seqlen - 1)``.
+    Returns a float64 CPU tensor of shape ``(windows,)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    windows, length, vocab = logits.shape
+    positions = length - 1
+    rows = max(1, _CHUNK_ELEMENTS // max(1, vocab))
+    sums = []
+    for w in range(windows):
+        parts = [
+            F.cross_entropy(logits[w, s : min(positions, s + rows)].float(), targets[w, s : min(positions, s + rows)], reduction="sum")
+            for s in range(0, positions, rows)
+        ]
+        sums.append(torch.stack(parts).sum() if len(parts) > 1 else parts[0])
+    return (torch.stack(sums).cpu().double() / positions) if sums else torch.zeros(0, dtype=torch.float64)
+
+
+def perplexity(
+    model,
+    input_ids: "torch.Tensor",
+    seqlen: int,
+    limit: int | None = None,
+    batch_size: int = 1,
+    device=None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> dict:
+    """Perplexity of ``model`` on ``input_ids`` (``(1, N)`` or ``(N,)``) in non-overlapping windows of ``seqlen``.
+
+    Uses the first ``limit`` windows when given, ``batch_size`` windows per
+    forward pass (the model's logits for a batch are ``batch_size * seqlen *
+    vocab`` values). Inputs go to ``device`` (default: the device of the
+    model's first parameter). ``progress(done, total)`` is called after each
+    batch; ``cancel()`` returning True raises ``workbench.errors.Cancelled``.
+
+    Returns ``{"ppl", "nll", "seqlen", "windows", "tokens", "limit",
+    "total_tokens"}``: ``nll`` is the mean of the window losses, ``tokens`` =
+    ``windows * seqlen`` (the tokens fed to the model), ``total_tokens`` the
+    length of ``input_ids``.
+    """
+    import torch
+
+    seqlen = _positive_int("seqlen", seqlen, 2)
+    batch_size = _positive_int("batch_size", batch_size)
+    if limit is not None:
+        limit = _positive_int("limit", limit)
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(f"input_ids must have shape (1, N) or (N,), not {tuple(ids.shape)}")
+    total_tokens = int(ids.numel())
+    available = total_tokens // seqlen
+    if available == 0:
+        raise UserError(
+            f"the evaluation text has {total_tokens} tokens, fewer than one window of {seqlen}",
+            hint="use a shorter seqlen or a longer text",
+        )
+    windows = available if limit is None else min(available, limit)
+    ids = ids[: windows * seqlen].reshape(windows, seqlen).to(dtype=torch.long)
+    device = torch.device(device) if device is not None else _model_device(model)
+
+    losses = []
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, windows, batch_size):
+                if cancel is not None and cancel():
+                    raise Cancelled(f"perplexity evaluation cancelled after {start} of {windows} windows")
+                batch = ids[start : start + batch_size].to(device)
+                output = model(input_ids=batch, use_cache=False)
+                logits = output.logits if hasattr(output, "logits") else output[0]
+                losses.append(_window_losses(logits, batch[:, 1:].to(logits.device)))
+                del output, logits
+                if progress is not None:
+                    progress(min(start + batch_size, windows), windows)
+    finally:
+        if was_training:
+            model.train()
+
+    nll = float(torch.cat(losses).mean())
+    if math.isnan(nll):
+        ppl = math.nan
+    else:
+        ppl = math.exp(nll) if nll < 709.0 else math.inf
+    return {
+        "ppl": ppl,
+        "nll": nll,
+        "seqlen": seqlen,
+        "windows": windows,
+        "tokens": windows * seqlen,
+        "limit": limit,
+        "total_tokens": total_tokens,
+    }
+
+
+def evaluate(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, **kwargs) -> dict:
+    """``perplexity(model, eval_tokens(dataset, tokenizer, seqlen), seqlen, **kwargs)`` with ``"dataset"`` added."""
+    result = perplexity(model, eval_tokens(dataset, tokenizer, seqlen), seqlen, **kwargs)
+    result["dataset"] = dataset
+    return result
