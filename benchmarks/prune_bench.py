@@ -90,19 +90,22 @@ def dense_pass(loaded, tokens, batch_size):
         layer.to("cpu")
 
 
-def bench_model(label, loaded, tokens, methods, batch_size):
+def bench_model(label, loaded, tokens, methods, batch_size, rows=None, sink=None):
     device = torch.device(loaded.device)
-    rows = []
+    rows = [] if rows is None else rows
+    sink = sink or (lambda rows: None)
     state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     base_s, base_rss, base_gpu = measure(lambda: dense_pass(loaded, tokens, batch_size), device)
     rows.append({"model": label, "method": "dense pass (baseline)", "seconds": base_s, "ratio": 1.0,
                  "cpu_rss_gib": base_rss, "gpu_peak_gib": base_gpu})
+    sink(rows)
     for name, step in methods:
         loaded.model.load_state_dict(state)
         pruner = Pruner(loaded, tokens, step, batch_size=batch_size)
         s, rss, gpu = measure(pruner.run, device)
         rows.append({"model": label, "method": name, "seconds": s, "ratio": s / base_s, "cpu_rss_gib": rss, "gpu_peak_gib": gpu})
         print(f"  {label} {name}: {s:.2f} s", file=sys.stderr, flush=True)
+        sink(rows)
     loaded.model.load_state_dict(state)
     return rows
 
@@ -116,16 +119,16 @@ METHODS = [
 ]
 
 
-def demo_rows(device, nsamples, seqlen, batch_size):
+def demo_rows(device, nsamples, seqlen, batch_size, rows=None, sink=None):
     from workbench.calibration import calibration_samples
     from workbench.models import load_model
 
     loaded = load_model("demo", dtype="float32", device=str(device))
     tokens = calibration_samples("c4", loaded.tokenizer, nsamples=nsamples, seqlen=seqlen, seed=0)
-    return bench_model(f"demo ({device.type}, fp32, {nsamples}x{seqlen})", loaded, tokens, METHODS, batch_size)
+    return bench_model(f"demo ({device.type}, fp32, {nsamples}x{seqlen})", loaded, tokens, METHODS, batch_size, rows, sink)
 
 
-def llama7b_rows(device, nsamples, seqlen, batch_size, layers=32):
+def llama7b_rows(device, nsamples, seqlen, batch_size, layers=32, rows=None, sink=None, methods=None):
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -144,8 +147,9 @@ def llama7b_rows(device, nsamples, seqlen, batch_size, layers=32):
     loaded = LoadedModel(model=model, tokenizer=None, adapter=get_adapter(model), source="random-7b",
                          device=device, dtype=torch.bfloat16)
     tokens = torch.randint(0, config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
-    methods = [m for m in METHODS if m[0] in ("magnitude 50%", "wanda 50%", "sparsegpt 50%", "sparsegpt 2:4")]
-    return bench_model(f"llama-7b shape ({layers} layers, bf16, {nsamples}x{seqlen})", loaded, tokens, methods, batch_size)
+    wanted = methods or ("wanda 50%", "sparsegpt 50%", "magnitude 50%", "sparsegpt 2:4")
+    methods = [next(m for m in METHODS if m[0] == name) for name in wanted]
+    return bench_model(f"llama-7b shape ({layers} layers, bf16, {nsamples}x{seqlen})", loaded, tokens, methods, batch_size, rows, sink)
 
 
 def print_table(rows):
@@ -162,28 +166,34 @@ def main():
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512, help="demo model seqlen (its context is 512)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--llama7b", action="store_true", help="also the 7B shape (needs CUDA)")
+    ap.add_argument("--demo-devices", default="cpu,cuda", help="devices for the demo model (those present)")
+    ap.add_argument("--llama7b", action="store_true", help="also the 7B shape (needs CUDA, or --llama7b-device cpu)")
+    ap.add_argument("--llama7b-device", default="cuda")
     ap.add_argument("--layers", type=int, default=32, help="layers of the 7B shape")
-    ap.add_argument("--skip-demo", action="store_true")
-    ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--llama7b-tokens", default="128x2048", help="calibration of the 7B shape, NxL")
+    ap.add_argument("--json", help="also write the rows to this file (rewritten after every row)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
-    rows = []
-    if not args.skip_demo:
-        rows += demo_rows(torch.device("cpu"), args.nsamples, args.seqlen, args.batch_size)
-        if cuda:
-            rows += demo_rows(torch.device("cuda"), args.nsamples, args.seqlen, args.batch_size)
+    rows: list[dict] = []
+
+    def sink(current):
+        if args.json:
+            Path(args.json).write_text(json.dumps(current, indent=2))
+
     if args.llama7b:
-        if not cuda:
+        device = torch.device(args.llama7b_device)
+        if device.type == "cuda" and not cuda:
             print("no CUDA device: skipping the 7B shape", file=sys.stderr)
         else:
-            rows += llama7b_rows(torch.device("cuda"), 128, 2048, args.batch_size, args.layers)
+            n, l = (int(v) for v in args.llama7b_tokens.split("x"))
+            llama7b_rows(device, n, l, args.batch_size, args.layers, rows, sink)
+    for name in args.demo_devices.split(","):
+        if name == "cpu" or (name == "cuda" and cuda):
+            demo_rows(torch.device(name), args.nsamples, args.seqlen, args.batch_size, rows, sink)
     if cuda:
         print(f"GPU: {torch.cuda.get_device_name(0)}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print_table(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
