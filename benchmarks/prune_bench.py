@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.layerwise import LayerRunner, capture_inputs  # noqa: E402
+from workbench.layerwise import LayerRunner, Resident, capture_inputs  # noqa: E402
 from workbench.models import LoadedModel, get_adapter  # noqa: E402
 from workbench.pruner import Pruner  # noqa: E402
 from workbench.spec import PruneStep  # noqa: E402
@@ -85,9 +85,8 @@ def dense_pass(loaded, tokens, batch_size):
     captured = capture_inputs(adapter, tokens, device, batch_size)
     runner = LayerRunner(adapter, captured, device)
     for i, layer in enumerate(adapter.layers):
-        layer.to(device)
-        runner.propagate(layer, i)
-        layer.to("cpu")
+        with Resident(layer, device):
+            runner.propagate(layer, i)
 
 
 def bench_model(label, loaded, tokens, methods, batch_size, rows=None, sink=None):

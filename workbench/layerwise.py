@@ -15,6 +15,7 @@ its inputs into the next layer's inputs, in place.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -148,6 +149,62 @@ def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class Resident:
+    """Keeps one module on the compute device for a block, then puts its CPU tensors back.
+
+    Moving back reuses the module's original CPU tensors instead of allocating
+    new ones, and copies the device values into them only with ``write_back``
+    (after compression changed the weights): a dense pass moves nothing back.
+    On a CPU device it does nothing.
+    """
+
+    def __init__(self, module: nn.Module, device, write_back: bool = False):
+        self.module = module
+        self.device = torch.device(device)
+        self.write_back = write_back
+        self._params: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+
+    def __enter__(self) -> nn.Module:
+        if self.device.type == "cpu":
+            return self.module
+        for mod in self.module.modules():
+            for param in mod._parameters.values():
+                if param is not None and param.device != self.device:
+                    self._params.append((param, param.data))
+                    param.data = param.data.to(self.device)
+            for name, buf in list(mod._buffers.items()):
+                if buf is not None and buf.device != self.device:
+                    self._buffers.append((mod, name, buf))
+                    mod._buffers[name] = buf.to(self.device)
+        return self.module
+
+    def __exit__(self, *exc) -> None:
+        for param, home in self._params:
+            if self.write_back and exc[0] is None:
+                home.copy_(param.data)
+            param.data = home
+        for mod, name, home in self._buffers:
+            mod._buffers[name] = home
+        self._params.clear()
+        self._buffers.clear()
+
+
+@contextmanager
+def _exact_tf32(x: torch.Tensor):
+    """TF32 matmuls where they are exact: 16-bit inputs fit TF32's 10-bit mantissa, and sums stay float32."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = before
+
+
 class InputStats:
     """Statistics of one input tensor shared by one or more linear sublayers."""
 
@@ -157,12 +214,14 @@ class InputStats:
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
+        x16 = x
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if self.sq_norm is not None:
             self.sq_norm += x.pow(2).sum(0)
         if self.hessian is not None:
-            self.hessian.addmm_(x.t(), x)
+            with _exact_tf32(x16):
+                self.hessian.addmm_(x.t(), x)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 
 from .errors import Cancelled, UserError
 from .events import LayerDone, Log, Progress
-from .layerwise import LayerRunner, capture_inputs
+from .layerwise import InputStats, LayerRunner, Resident, capture_inputs
 from .models import weight_matrix
 from .pruning import masks as M
 from .pruning.owl import outlier_ratio, owl_sparsities
@@ -78,14 +78,13 @@ class Pruner:
         ratios = []
         for i, layer in enumerate(layers):
             _check_cancel(self.cancel)
-            layer.to(self.device)
-            linears = self.adapter.linear_modules(layer)
-            stats = runner.collect(layer, i, linears, hessian=False, sq_norm=True, weight_shape=_shape)
-            scores = [M.wanda_scores(weight_matrix(mod), stats.stats[name].sq_norm) for name, mod in linears.items()]
-            ratios.append(outlier_ratio(scores, self.step.owl_m))
-            del scores
-            runner.propagate(layer, i)
-            layer.to("cpu")
+            with Resident(layer, self.device):  # dense pass: nothing to write back
+                linears = self.adapter.linear_modules(layer)
+                stats = runner.collect(layer, i, linears, hessian=False, sq_norm=True, weight_shape=_shape)
+                scores = [M.wanda_scores(weight_matrix(mod), stats.stats[name].sq_norm) for name, mod in linears.items()]
+                ratios.append(outlier_ratio(scores, self.step.owl_m))
+                del scores, stats
+                runner.propagate(layer, i)
             self.emit(Progress(stage=self.stage, done=i + 1, total=len(layers), detail="OWL outlier ratios"))
         try:
             sparsities = owl_sparsities(ratios, self.step.sparsity, self.step.owl_lambda)
@@ -152,25 +151,9 @@ class Pruner:
         for i, layer in enumerate(layers):
             _check_cancel(self.cancel)
             t0 = time.perf_counter()
-            layer.to(self.device)
-            linears = adapter.linear_modules(layer)
-            self._check_nm(linears)
-            if need_sq or need_h:
-                collected = runner.collect(layer, i, linears, hessian=need_h, sq_norm=need_sq, weight_shape=_shape)
-                stats, groups = collected.stats, collected.groups
-            else:
-                stats, groups = {}, [[n] for n in linears]
-            modules: dict[str, dict] = {}
-            for names in groups:
-                modules.update(self._prune_group(names, linears, stats, targets[i]))
-            del stats
-            for name, module in linears.items():
-                w = weight_matrix(module)
-                zeros = int((w == 0).sum())
-                modules[name] = {"shape": list(w.shape), "zeros": zeros, "numel": w.numel(),
-                                 "sparsity": zeros / w.numel(), "target": targets[i], **modules.get(name, {})}
-            runner.propagate(layer, i)
-            layer.to("cpu")
+            with Resident(layer, self.device, write_back=True):
+                modules = self._prune_layer(runner, layer, i, targets[i], need_sq, need_h)
+                runner.propagate(layer, i)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - t0
@@ -183,8 +166,8 @@ class Pruner:
         head = None
         if self.step.include_lm_head:
             head = self._prune_head(runner, targets)
-        zeros = sum(l["sparsity"] * sum(m["numel"] for m in l["modules"].values()) for l in report_layers)
-        numel = sum(sum(m["numel"] for m in l["modules"].values()) for l in report_layers)
+        zeros = sum(m["zeros"] for l in report_layers for m in l["modules"].values())
+        numel = sum(m["numel"] for l in report_layers for m in l["modules"].values())
         report = {
             "label": self.step.label(),
             "method": self.step.method,
@@ -200,21 +183,39 @@ class Pruner:
             report["outlier_ratios"] = getattr(self, "outlier_ratios", None)
         return report
 
+    def _prune_layer(self, runner: LayerRunner, layer, i: int, target: float, need_sq: bool, need_h: bool) -> dict:
+        """Statistics, masks and updates for one decoder layer already on the device."""
+        linears = self.adapter.linear_modules(layer)
+        self._check_nm(linears)
+        if need_sq or need_h:
+            collected = runner.collect(layer, i, linears, hessian=need_h, sq_norm=need_sq, weight_shape=_shape)
+            stats, groups = collected.stats, collected.groups
+        else:
+            stats, groups = {}, [[n] for n in linears]
+        modules: dict[str, dict] = {}
+        for names in groups:
+            modules.update(self._prune_group(names, linears, stats, target))
+        for name, module in linears.items():
+            w = weight_matrix(module)
+            zeros = int((w == 0).sum())
+            modules[name] = {"shape": list(w.shape), "zeros": zeros, "numel": w.numel(),
+                             "sparsity": zeros / w.numel(), "target": target, **modules.get(name, {})}
+        return modules
+
     def _prune_head(self, runner: LayerRunner, targets: list[float]) -> dict:
         adapter = self.adapter
         if adapter.tied_lm_head:
             raise UserError("the LM head shares its weights with the input embeddings", "leave include_lm_head off for this model")
         head = adapter.lm_head
-        head.to(self.device)
-        w = weight_matrix(head)
         target = sum(targets) / len(targets)
-        from .layerwise import InputStats
-
-        stats = InputStats(w.shape[1], self.device, hessian=self.step.method == "sparsegpt", sq_norm=self.step.method == "wanda")
-        for x in runner.final_hidden():
-            stats.add(x)
-        self._prune_group(["lm_head"], {"lm_head": head}, {"lm_head": stats}, target)
-        zeros = int((w == 0).sum())
-        head.to("cpu")
-        return {"shape": list(w.shape), "zeros": zeros, "numel": w.numel(), "sparsity": zeros / w.numel(), "target": target}
+        with Resident(head, self.device, write_back=True):
+            w = weight_matrix(head)
+            stats = InputStats(w.shape[1], self.device, hessian=self.step.method == "sparsegpt", sq_norm=self.step.method == "wanda")
+            for x in runner.final_hidden():
+                stats.add(x)
+            self._prune_group(["lm_head"], {"lm_head": head}, {"lm_head": stats}, target)
+            zeros = int((w == 0).sum())
+            shape, numel = list(w.shape), w.numel()
+        w = None
+        return {"shape": shape, "zeros": zeros, "numel": numel, "sparsity": zeros / numel, "target": target}
 
