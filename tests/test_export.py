@@ -17,13 +17,7 @@ from workbench.export import INFO_FILE, export_model, read_export_info
 from workbench.models import DEMO_MODEL_DIR, get_adapter, weight_matrix
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -84,13 +84,7 @@ def expected_linears(model_type: str) -> dict[str, list[int]]:
     raise AssertionError(model_type)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine (0.4 s -> 1 ms a forward)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ALL_TYPES = LLAMA_LIKE + ["opt", "gpt2", "gpt_neox", "phi", "phi3"]

@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .errors import Cancelled, RunError, UserError, WorkbenchError
-from .events import Emit, Log, Metric, Progress, RunFinished, RunStarted, StageFinished, StageStarted, Warning_
+from .events import Emit, Log, Metric, Progress, RunFinished, RunStarted, StageFinished, StageStarted, WarningEvent
 from .history import cache_dir, new_run_id, workbench_home
 from .spec import PruneStep, RunSpec, validate
 
@@ -98,7 +98,7 @@ class Run:
         c = self.spec.calibration
         seqlen = c.seqlen or self.context_seqlen()
         if seqlen > self.loaded.adapter.context_length:
-            self.emit(Warning_(message=f"calibration seqlen {seqlen} exceeds the model's context ({self.loaded.adapter.context_length})"))
+            self.emit(WarningEvent(message=f"calibration seqlen {seqlen} exceeds the model's context ({self.loaded.adapter.context_length})"))
         with self.stage("calibrate", f"Calibration data: {c.nsamples} x {seqlen} tokens of {c.source}"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
@@ -106,7 +106,7 @@ class Run:
                                              seed=c.seed, cache_dir=cache_dir() / "calibration", model=self.loaded.model)
             for w in caught:
                 if issubclass(w.category, UserWarning):
-                    self.emit(Warning_(message=str(w.message)))
+                    self.emit(WarningEvent(message=str(w.message)))
         self.calibration_info = {"source": c.source, "nsamples": c.nsamples, "seqlen": seqlen, "seed": c.seed}
         return tokens
 

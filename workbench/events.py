@@ -97,7 +97,7 @@ class Log(Event):
 
 
 @dataclass
-class Warning_(Event):
+class WarningEvent(Event):
     type = "warning"
     message: str = ""
 
@@ -121,7 +121,7 @@ class RunFailed(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (RunStarted, StageStarted, Progress, StageFinished, LayerDone, Metric, Log, Warning_, RunFinished, RunFailed)
+    for cls in (RunStarted, StageStarted, Progress, StageFinished, LayerDone, Metric, Log, WarningEvent, RunFinished, RunFailed)
 }
 
 Emit = Callable[[Event], None]

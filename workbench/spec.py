@@ -10,7 +10,6 @@ and the allowed values.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import re
@@ -132,10 +131,6 @@ _TOP_KEYS = ("name", "description", "reference")
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _type_name(tp: Any) -> str:
-    return str(tp).replace("typing.", "")
 
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:
@@ -396,11 +391,3 @@ def _strip_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_strip_none(v) for v in value]
     return value
-
-
-def spec_from_json(text: str) -> RunSpec:
-    return spec_from_dict(json.loads(text))
-
-
-def clone(spec: RunSpec) -> RunSpec:
-    return copy.deepcopy(spec)
