@@ -249,16 +249,22 @@ class LayerRunner:
     @torch.no_grad()
     def collect(self, layer: nn.Module, index: int, linears: dict[str, nn.Module], hessian: bool, sq_norm: bool,
                 weight_shape: Callable[[nn.Module], tuple[int, int]]) -> LayerStats:
-        """One pass over all batches with hooks on ``linears``; linears fed the same tensor share statistics."""
+        """One pass over all batches with hooks on ``linears``; linears fed the same tensor share statistics.
+
+        The statistics need only the linears' inputs, so each batch's forward
+        stops as soon as every linear has seen its input (the last linear, a
+        down projection, is never computed here).
+        """
         stats: dict[str, InputStats] = {}
         leader_of: dict[str, str] = {}
         seen: dict[int, tuple[str, torch.Tensor]] = {}  # id(input) -> (leader, input kept alive for this batch)
-        first_batch = {"on": True}
+        state = {"first": True}
+        called: set[str] = set()
 
         def hook(name):
-            def fn(module, inputs, output):
+            def fn(module, inputs):
                 x = inputs[0]
-                if first_batch["on"]:
+                if state["first"]:
                     key = id(x)
                     if key in seen:
                         leader_of[name] = seen[key][0]
@@ -268,14 +274,21 @@ class LayerRunner:
                         stats[name] = InputStats(weight_shape(module)[1], self.device, hessian, sq_norm)
                 if leader_of[name] == name:
                     stats[name].add(x)
+                called.add(name)
+                if len(called) == len(linears):
+                    raise _StopForward
 
             return fn
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
         try:
             for b in range(len(self.captured.hidden)):
-                self._forward_batch(layer, index, b)
-                first_batch["on"] = False
+                called.clear()
+                try:
+                    self._forward_batch(layer, index, b)
+                except _StopForward:
+                    pass
+                state["first"] = False
                 seen.clear()
         finally:
             for h in handles:
