@@ -101,7 +101,7 @@ def run_inprocess(spec, as_json: bool = False, quiet: bool = False) -> int:
     """Run a spec in this process, recording every event in the run history."""
     from rich.console import Console
 
-    from .console import ProgressDisplay, summary_table
+    from .console import ProgressDisplay, layer_table, summary_table
     from .engine import Run
     from .events import RunFailed, fanout
     from .history import History
@@ -139,6 +139,8 @@ def run_inprocess(spec, as_json: bool = False, quiet: bool = False) -> int:
         return EXIT_FAILED
     finally:
         history.close()
+    for step in summary.get("steps", []):
+        console.print(layer_table(step))
     console.print(summary_table(summary))
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
@@ -180,7 +182,7 @@ def cmd_history(args) -> int:
 def cmd_show(args) -> int:
     from rich.console import Console
 
-    from .console import summary_table
+    from .console import layer_table, summary_table
     from .history import History
 
     with History() as h:
@@ -196,6 +198,8 @@ def cmd_show(args) -> int:
     console.print(f"[bold]{r.id}[/] {r.name}: {r.status}")
     console.print(json.dumps(r.spec, indent=2))
     if r.summary:
+        for step in r.summary.get("steps", []):
+            console.print(layer_table(step))
         console.print(summary_table(r.summary))
     else:
         for m in metrics:

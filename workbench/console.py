@@ -86,3 +86,18 @@ def summary_table(summary: dict) -> Table:
     if summary.get("export"):
         table.add_row("exported to", str(summary["export"]))
     return table
+
+
+def layer_table(step: dict) -> Table:
+    """One row per decoder layer: target and achieved sparsity, the range over its linears, time."""
+    table = Table(title=f"{step['label']}: per layer (achieved {step['sparsity']:.4f})")
+    for col in ("layer", "target", "achieved", "linears min..max", "time s"):
+        table.add_column(col, justify="right")
+    for layer in step.get("layers", []):
+        per_module = [m["sparsity"] for m in layer["modules"].values()]
+        table.add_row(str(layer["layer"]), f"{layer['target']:.4f}", f"{layer['sparsity']:.4f}",
+                      f"{min(per_module):.4f}..{max(per_module):.4f}", f"{layer['seconds']:.2f}")
+    if "lm_head" in step:
+        head = step["lm_head"]
+        table.add_row("lm_head", f"{head['target']:.4f}", f"{head['sparsity']:.4f}", "", "")
+    return table
