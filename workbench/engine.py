@@ -204,7 +204,8 @@ class Run:
                 exported = self.export()
         except _oom_types() as exc:
             hint = ("use fewer calibration samples (calibration.nsamples), keep activations on the CPU "
-                    "(calibration.offload_activations = true), a smaller batch (calibration.batch_size) or a 16-bit dtype")
+                    "(calibration.offload_activations = true), smaller batches (calibration.batch_size, "
+                    "evaluate.batch_size) or a 16-bit dtype (model.dtype)")
             raise RunError(f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", hint) from exc
         self.summary = self.build_summary(exported)
         seconds = time.perf_counter() - t0
