@@ -79,8 +79,9 @@ def test_sparsegpt_changes_the_kept_weights_and_wanda_does_not(fresh, tokens):
         assert not torch.allclose(w[kept], before[(i, n)][kept]), (i, n)
 
 
-def test_owl_layer_targets_average_to_the_request(fresh, tokens):
-    step = PruneStep(method="wanda", sparsity=0.7, allocation="owl")
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_owl_layer_targets_average_to_the_request(fresh, tokens, method):
+    step = PruneStep(method=method, sparsity=0.7, allocation="owl")
     report = Pruner(fresh, tokens, step, batch_size=4).run()
     targets = [l["target"] for l in report["layers"]]
     assert abs(sum(targets) / len(targets) - 0.7) < 1e-6
@@ -140,3 +141,24 @@ def test_run_exports_a_checkpoint_that_transformers_reloads(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, run.loaded.model(ids).logits, rtol=0, atol=0)
     for (name, a), (_, b) in zip(reloaded.named_parameters(), run.loaded.model.named_parameters()):
         assert torch.equal(a == 0, b == 0), name
+
+
+def test_pruning_a_head_tied_to_the_embeddings_is_refused():
+    import transformers as tf
+
+    from workbench.errors import UserError
+    from workbench.models import LoadedModel, get_adapter
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64)).eval()
+    loaded = LoadedModel(model=model, tokenizer=None, adapter=get_adapter(model), source="tiny", device=torch.device("cpu"),
+                         dtype=torch.float32)
+    tokens = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match="shares its weights"):
+        Pruner(loaded, tokens, PruneStep(method="wanda", sparsity=0.5, include_lm_head=True), batch_size=2).run()
+    # without the head, GPT-2's Conv1D layers are pruned through their transposed views
+    Pruner(loaded, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=2).run()
+    for layer in loaded.adapter.layers:
+        for name, module in loaded.adapter.linear_modules(layer).items():
+            w = weight_matrix(module)
+            assert ((w == 0).sum(1) == w.shape[1] // 2).all(), name

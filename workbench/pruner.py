@@ -142,6 +142,8 @@ class Pruner:
         """Prune every decoder layer (and the head if asked); return the step's report."""
         adapter = self.adapter
         layers = adapter.layers
+        if self.step.include_lm_head and adapter.tied_lm_head:  # refuse before any work is done
+            raise UserError("the LM head shares its weights with the input embeddings", "leave include_lm_head off for this model")
         targets = self._targets()
         captured = self._capture()
         runner = LayerRunner(adapter, captured, self.device, self.store)
@@ -203,10 +205,7 @@ class Pruner:
         return modules
 
     def _prune_head(self, runner: LayerRunner, targets: list[float]) -> dict:
-        adapter = self.adapter
-        if adapter.tied_lm_head:
-            raise UserError("the LM head shares its weights with the input embeddings", "leave include_lm_head off for this model")
-        head = adapter.lm_head
+        head = self.adapter.lm_head
         target = sum(targets) / len(targets)
         with Resident(head, self.device, write_back=True):
             w = weight_matrix(head)
