@@ -16,7 +16,7 @@ its inputs into the next layer's inputs, in place.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -69,11 +69,6 @@ class Captured:
 
     hidden: list[torch.Tensor]  # per batch: (batch, seqlen, hidden), on the storage device
     layer_args: list[list[tuple[tuple, dict]]]  # [layer][batch] -> (args after hidden_states, kwargs)
-    batch_sizes: list[int] = field(default_factory=list)
-
-    @property
-    def tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
 
 def _move_modules(modules: list[nn.Module], device) -> None:
@@ -133,11 +128,11 @@ def capture_inputs(adapter, tokens: torch.Tensor, device, batch_size: int = 8, s
         for layer in layers:
             if "forward" in layer.__dict__:
                 del layer.forward
-        _move_modules(pre, "cpu" if _model_home(adapter) == "cpu" else device)
+        _move_modules(pre, _model_home(adapter))
     missing = [i for i, per_batch in enumerate(layer_args) if any(a is None for a in per_batch)]
     if missing:
         raise RuntimeError(f"decoder layers {missing} were not called by the model's forward")
-    return Captured(hidden=hidden, layer_args=layer_args, batch_sizes=[b.shape[0] for b in batches])
+    return Captured(hidden=hidden, layer_args=layer_args)
 
 
 def _model_home(adapter) -> str:

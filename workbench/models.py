@@ -500,6 +500,14 @@ def _remote_code_error(name: str, exc: BaseException) -> UserError | None:
     return None
 
 
+def _load_error(kind: str, label: str, exc: BaseException, what: str, hint: str) -> UserError:
+    """One message for a failed tokenizer or weights load: hub unreachable, remote code, or a broken folder."""
+    if kind == "hub" and isinstance(exc, OSError):
+        return _hub_error(label, exc)
+    return _remote_code_error(label, exc) or UserError(
+        f"could not load {what} of model '{label}': {_first_line(exc)}", hint=hint)
+
+
 def _read_local_model_type(folder: Path, name: str) -> Any:
     try:
         data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -557,14 +565,9 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        if kind == "hub" and isinstance(exc, OSError):
-            raise _hub_error(label, exc) from exc
-        err = _remote_code_error(label, exc)
-        if err is None:
-            err = UserError(f"could not load a tokenizer for model '{label}': {_first_line(exc)}",
-                            hint="the model folder needs its tokenizer files (tokenizer.json / tokenizer_config.json, "
-                                 "as written by tokenizer.save_pretrained)")
-        raise err from exc
+        raise _load_error(kind, label, exc, "a tokenizer",
+                          "the model folder needs its tokenizer files (tokenizer.json / tokenizer_config.json, "
+                          "as written by tokenizer.save_pretrained)") from exc
     if getattr(tokenizer, "pad_token", None) is None:
         if getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -578,14 +581,9 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        if kind == "hub" and isinstance(exc, OSError):
-            raise _hub_error(label, exc) from exc
-        err = _remote_code_error(label, exc)
-        if err is None:
-            err = UserError(f"could not load the weights of model '{label}': {_first_line(exc)}",
-                            hint="the folder needs model.safetensors (or sharded safetensors with their index) "
-                                 "matching config.json")
-        raise err from exc
+        raise _load_error(kind, label, exc, "the weights",
+                          "the folder needs model.safetensors (or sharded safetensors with their index) "
+                          "matching config.json") from exc
     model.eval()
     adapter = get_adapter(model)
     return LoadedModel(

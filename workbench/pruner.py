@@ -110,7 +110,7 @@ class Pruner:
         out: dict[str, dict] = {}
         if method == "sparsegpt":
             weights = [weight_matrix(linears[n]) for n in names]
-            stacked = torch.cat([w.to(self.device) for w in weights], dim=0) if len(weights) > 1 else weights[0]
+            stacked = torch.cat(weights, dim=0) if len(weights) > 1 else weights[0]
             result = sparsegpt_prune(
                 stacked, stats[names[0]].hessian, 0.0 if self.m else target, n=self.n, m=self.m,
                 blocksize=self.step.blocksize, percdamp=self.step.percdamp,
