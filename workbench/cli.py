@@ -7,6 +7,7 @@ traceback), 1 a failure while a valid run executed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from . import __version__
 from .errors import UserError, WorkbenchError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+COMMANDS: dict = {}
 
 
 def _err(message: str, hint: str | None = None) -> None:
@@ -50,7 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_id")
     show.add_argument("--json", action="store_true")
     show.add_argument("--events", action="store_true", help="also list the run's events")
+    for module in COMMAND_MODULES:
+        COMMANDS.update(importlib.import_module(module).register(sub))
     return parser
+
+
+# Commands defined beside the features they drive. Each module has
+# ``register(subparsers) -> {command: handler}``; a handler takes the parsed
+# arguments and returns an exit code (or raises a WorkbenchError). These
+# modules must not import torch at import time.
+COMMAND_MODULES = (
+    "workbench.backends.cli",
+    "workbench.lowrank.cli",
+    "workbench.study",
+    "workbench.evaluation.cli",
+)
 
 
 # ---------------------------------------------------------------------- commands
@@ -101,7 +117,7 @@ def run_inprocess(spec, as_json: bool = False, quiet: bool = False) -> int:
     """Run a spec in this process, recording every event in the run history."""
     from rich.console import Console
 
-    from .console import ProgressDisplay, layer_table, summary_table
+    from .console import ProgressDisplay, step_tables, summary_table
     from .engine import Run
     from .events import RunFailed, fanout
     from .history import History
@@ -140,7 +156,8 @@ def run_inprocess(spec, as_json: bool = False, quiet: bool = False) -> int:
     finally:
         history.close()
     for step in summary.get("steps", []):
-        console.print(layer_table(step))
+        for table in step_tables(step):
+            console.print(table)
     console.print(summary_table(summary))
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
@@ -182,7 +199,7 @@ def cmd_history(args) -> int:
 def cmd_show(args) -> int:
     from rich.console import Console
 
-    from .console import layer_table, summary_table
+    from .console import step_tables, summary_table
     from .history import History
 
     with History() as h:
@@ -199,7 +216,8 @@ def cmd_show(args) -> int:
     console.print(json.dumps(r.spec, indent=2))
     if r.summary:
         for step in r.summary.get("steps", []):
-            console.print(layer_table(step))
+            for table in step_tables(step):
+                console.print(table)
         console.print(summary_table(r.summary))
     else:
         for m in metrics:
@@ -215,7 +233,7 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "presets": cmd_presets, "validate": cmd_validate, "history": cmd_history, "show": cmd_show}
+COMMANDS.update({"run": cmd_run, "presets": cmd_presets, "validate": cmd_validate, "history": cmd_history, "show": cmd_show})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,25 +67,36 @@ def summary_table(summary: dict) -> Table:
     table.add_column("value", justify="right")
     by_ds: dict[str, dict] = {}
     for m in summary.get("metrics", []):
-        by_ds.setdefault(m["dataset"], {})[m["phase"]] = m
+        if m.get("name", "perplexity") == "perplexity":
+            by_ds.setdefault(m["dataset"], {})[m["phase"]] = m
     for ds, phases in by_ds.items():
         any_m = next(iter(phases.values()))
         note = f"seqlen {any_m['seqlen']}, {any_m['windows']} windows" + (f", limit {any_m['limit']}" if any_m.get("limit") else "")
-        before = phases.get("before", {}).get("value")
-        after = phases.get("after", {}).get("value")
-        if before is not None:
-            table.add_row(f"perplexity {ds} dense ({note})", f"{before:.3f}")
-        if after is not None:
-            table.add_row(f"perplexity {ds} compressed ({note})", f"{after:.3f}")
+        for phase, label in (("before", "dense"), ("after", "compressed")):
+            m = phases.get(phase)
+            if m is None:
+                continue
+            bpb = (m.get("extra") or {}).get("bits_per_byte")
+            table.add_row(f"perplexity {ds} {label} ({note})", f"{m['value']:.3f}" + (f"  ({bpb:.4f} bits/byte)" if bpb is not None else ""))
     for step in summary.get("steps", []):
-        table.add_row(f"{step['label']}: achieved sparsity", f"{step['sparsity']:.4f}")
+        if "sparsity" in step:
+            table.add_row(f"{step['label']}: achieved sparsity", f"{step['sparsity']:.4f}")
+        for key, value in (step.get("headline") or {}).items():  # other step types: {"what": "value"}
+            table.add_row(f"{step['label']}: {key}", str(value))
         table.add_row(f"{step['label']}: time", f"{step.get('seconds', 0):.2f} s")
     for stage, seconds in summary.get("timings", {}).items():
-        if not stage.startswith("prune"):
+        if stage.split(":")[0] not in {s.get("type", "prune") for s in summary.get("steps", [])}:
             table.add_row(f"time {stage}", f"{seconds:.2f} s")
     if summary.get("export"):
         table.add_row("exported to", str(summary["export"]))
     return table
+
+
+def step_tables(step: dict) -> list[Table]:
+    """The per-layer tables printed after a run for one step's report."""
+    if step.get("type", "prune") == "prune":
+        return [layer_table(step)]
+    return []
 
 
 def layer_table(step: dict) -> Table:

@@ -20,9 +20,35 @@ from . import __version__
 from .errors import Cancelled, RunError, UserError, WorkbenchError
 from .events import Emit, Log, Metric, Progress, RunFinished, RunStarted, StageFinished, StageStarted, WarningEvent
 from .history import cache_dir, new_run_id, workbench_home
-from .spec import PruneStep, RunSpec, validate
+from .spec import RunSpec, validate
 
 MAX_SEQLEN = 2048
+
+# Where each step type's runner lives: "module:function", imported when a run
+# uses it. A runner is ``fn(run: Run, index: int, step) -> dict`` (the step's
+# report: "type", "label", and what the step measured). It reads the
+# calibration tokens from ``run.tokens`` (and may replace them, e.g. after the
+# vocabulary changes), wraps its work in ``run.stage(...)``, emits events
+# through ``run.emit`` and checks ``run.cancel`` at layer boundaries. A step
+# that changes the model's structure so that a plain ``from_pretrained`` can
+# no longer rebuild it appends an entry to ``run.structure`` (see
+# ``workbench.rebuild``).
+STEP_RUNNERS: dict[str, str] = {
+    "prune": "workbench.pruner:run_step",
+    "lowrank": "workbench.lowrank.step:run_step",
+    "depth": "workbench.structured.step:run_step",
+    "width": "workbench.structured.step:run_step",
+    "vocab": "workbench.structured.step:run_step",
+}
+
+
+def step_runner(kind: str) -> Callable:
+    import importlib
+
+    if kind not in STEP_RUNNERS:
+        raise UserError(f"no runner for step type {kind!r}", f"known step types: {', '.join(STEP_RUNNERS)}")
+    module, _, func = STEP_RUNNERS[kind].partition(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def versions() -> dict:
@@ -56,6 +82,8 @@ class Run:
         self.metrics: list[dict] = []
         self.steps: list[dict] = []
         self.loaded = None
+        self.tokens = None  # calibration token ids, (nsamples, seqlen)
+        self.structure: list[dict] = []  # entries workbench.rebuild needs to rebuild the exported model
         self.summary: dict = {}
 
     # ------------------------------------------------------------------ stages
@@ -111,7 +139,7 @@ class Run:
         return tokens
 
     def evaluate(self, phase: str) -> None:
-        from .perplexity import eval_tokens, perplexity
+        from .perplexity import bits_per_byte, eval_tokens, perplexity
 
         e = self.spec.evaluate
         if not e.perplexity:
@@ -132,7 +160,8 @@ class Run:
                     result = perplexity(loaded.model, ids, seqlen, limit=e.limit, batch_size=e.batch_size,
                                         device=device, progress=progress, cancel=self.cancel)
                     metric = {"name": "perplexity", "dataset": ds, "phase": phase, "value": float(result["ppl"]),
-                              "seqlen": seqlen, "windows": int(result["windows"]), "limit": e.limit}
+                              "seqlen": seqlen, "windows": int(result["windows"]), "limit": e.limit,
+                              "extra": {"bits_per_byte": bits_per_byte(result, ids, loaded.tokenizer)}}
                     self.metrics.append(metric)
                     self.emit(Metric(**metric))
             finally:
@@ -140,19 +169,11 @@ class Run:
                     loaded.model.to("cpu")
                     torch.cuda.empty_cache()
 
-    def prune(self, index: int, step: PruneStep, tokens: torch.Tensor) -> None:
-        from .pruner import Pruner
-
-        name = f"prune:{index}"
-        layers = len(self.loaded.adapter.layers)
-        with self.stage(name, f"Pruning: {step.label()}", total=layers):
-            pruner = Pruner(self.loaded, tokens, step, batch_size=self.spec.calibration.batch_size,
-                            offload_activations=self.spec.calibration.offload_activations,
-                            emit=self.emit, cancel=self.cancel, stage=name)
-            report = pruner.run()
-        report["seconds"] = self.timings[name]
+    def compress(self, index: int, step) -> None:
+        """Apply one compression step through the runner registered for its type."""
+        runner = step_runner(step.type)
+        report = runner(self, index, step)
         self.steps.append(report)
-        self.emit(Log(message=f"{step.label()}: achieved sparsity {report['sparsity']:.4f} of the decoder's linear weights"))
 
     def export(self) -> str | None:
         x = self.spec.export
@@ -181,6 +202,7 @@ class Run:
             "model": getattr(self, "model_info", None),
             "calibration": getattr(self, "calibration_info", None),
             "steps": self.steps,
+            "structure": self.structure,
             "metrics": self.metrics,
             "timings": self.timings,
             "export": exported,
@@ -194,11 +216,11 @@ class Run:
         try:
             with torch.no_grad():
                 self.load()
-                tokens = self.calibrate() if self.spec.steps else None
+                self.tokens = self.calibrate() if self.spec.steps else None
                 if self.spec.evaluate.before or not self.spec.steps:
                     self.evaluate("before")
                 for i, step in enumerate(self.spec.steps):
-                    self.prune(i, step, tokens)
+                    self.compress(i, step)
                 if self.spec.steps:
                     self.evaluate("after")
                 exported = self.export()

@@ -87,6 +87,29 @@ class Metric(Event):
     seqlen: int | None = None
     windows: int | None = None
     limit: int | None = None
+    stderr: float | None = None  # standard error, where the evaluation reports one
+    extra: dict = field(default_factory=dict)  # e.g. {"bits_per_byte": ...} beside perplexity
+
+
+@dataclass
+class Trial(Event):
+    """One finished trial of a search (e.g. a rank-allocation study), and the best so far.
+
+    ``metrics`` holds what the objective is made of (e.g. perplexity, kl,
+    retained); ``best`` is ``{"number", "objective", "params"}`` of the best
+    trial so far (including this one).
+    """
+
+    type = "trial"
+    stage: str = ""
+    study: str = ""
+    number: int = 0
+    state: str = "complete"  # complete, pruned, failed
+    params: dict = field(default_factory=dict)
+    objective: float | None = None
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    best: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -121,7 +144,8 @@ class RunFailed(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (RunStarted, StageStarted, Progress, StageFinished, LayerDone, Metric, Log, WarningEvent, RunFinished, RunFailed)
+    for cls in (RunStarted, StageStarted, Progress, StageFinished, LayerDone, Metric, Trial, Log, WarningEvent, RunFinished,
+                RunFailed)
 }
 
 Emit = Callable[[Event], None]

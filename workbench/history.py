@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS metrics (
     value REAL,
     seqlen INTEGER,
     windows INTEGER,
-    limit_windows INTEGER
+    limit_windows INTEGER,
+    stderr REAL,
+    extra TEXT                       -- JSON, e.g. {"bits_per_byte": ...}
 );
 CREATE TABLE IF NOT EXISTS artifacts (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -102,7 +104,15 @@ class History:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        self._migrate()
         self._seq: dict[str, int] = {}
+
+    def _migrate(self) -> None:
+        """Add the columns later versions introduced to a history file written by an older one."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(metrics)")}
+        for column, kind in (("stderr", "REAL"), ("extra", "TEXT")):
+            if column not in have:
+                self.db.execute(f"ALTER TABLE metrics ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -134,8 +144,10 @@ class History:
         )
         if data["type"] == "metric":
             self.db.execute(
-                "INSERT INTO metrics (run_id, name, dataset, phase, value, seqlen, windows, limit_windows) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, data["name"], data["dataset"], data["phase"], data["value"], data.get("seqlen"), data.get("windows"), data.get("limit")),
+                "INSERT INTO metrics (run_id, name, dataset, phase, value, seqlen, windows, limit_windows, stderr, extra) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, data["name"], data["dataset"], data["phase"], data["value"], data.get("seqlen"), data.get("windows"),
+                 data.get("limit"), data.get("stderr"), json.dumps(json_safe(data.get("extra") or {}))),
             )
 
     def add_artifact(self, run_id: str, kind: str, path: str) -> None:
@@ -191,11 +203,17 @@ class History:
         return [json.loads(r[0]) for r in self.db.execute("SELECT data FROM events WHERE run_id = ? ORDER BY seq", (run_id,))]
 
     def metrics(self, run_id: str) -> list[dict]:
-        cols = ("name", "dataset", "phase", "value", "seqlen", "windows", "limit")
+        cols = ("name", "dataset", "phase", "value", "seqlen", "windows", "limit", "stderr", "extra")
         rows = self.db.execute(
-            "SELECT name, dataset, phase, value, seqlen, windows, limit_windows FROM metrics WHERE run_id = ? ORDER BY rowid", (run_id,)
+            "SELECT name, dataset, phase, value, seqlen, windows, limit_windows, stderr, extra FROM metrics "
+            "WHERE run_id = ? ORDER BY rowid", (run_id,)
         )
-        return [dict(zip(cols, r)) for r in rows]
+        out = []
+        for r in rows:
+            item = dict(zip(cols, r))
+            item["extra"] = json.loads(item["extra"]) if item["extra"] else {}
+            out.append(item)
+        return out
 
     def artifacts(self, run_id: str) -> list[dict]:
         return [{"kind": k, "path": p} for k, p in self.db.execute("SELECT kind, path FROM artifacts WHERE run_id = ?", (run_id,))]

@@ -579,7 +579,12 @@ def load_model(
     if kind != "hub" and any(Path(source).glob("*.safetensors")):
         kwargs["use_safetensors"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        from .rebuild import needs_rebuild, rebuild_model
+
+        if kind != "hub" and needs_rebuild(source):
+            model = rebuild_model(source, config, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(kind, label, exc, "the weights",
                           "the folder needs model.safetensors (or sharded safetensors with their index) "

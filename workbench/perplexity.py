@@ -224,8 +224,27 @@ def perplexity(
     }
 
 
+def bits_per_byte(result: dict, input_ids, tokenizer) -> float:
+    """Bits per UTF-8 byte of the evaluated windows, for comparing models with different vocabularies.
+
+    ``log2(e) * nll * tokens / bytes``: the mean next-token loss in bits, times
+    the evaluated text's tokens per byte (the windows actually fed to the model,
+    decoded back to text). Independent of the tokenizer, unlike perplexity.
+    """
+    import torch
+
+    ids = torch.as_tensor(input_ids).reshape(-1)[: result["tokens"]]
+    text = tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+    n_bytes = len(text.encode("utf-8"))
+    if n_bytes == 0:
+        return math.nan
+    return result["nll"] / math.log(2) * result["tokens"] / n_bytes
+
+
 def evaluate(model, tokenizer, dataset: str = "wikitext2", seqlen: int = 2048, **kwargs) -> dict:
-    """``perplexity(model, eval_tokens(dataset, tokenizer, seqlen), seqlen, **kwargs)`` with ``"dataset"`` added."""
-    result = perplexity(model, eval_tokens(dataset, tokenizer, seqlen), seqlen, **kwargs)
+    """Perplexity (and bits per byte) of ``model`` on ``dataset``, with ``"dataset"`` added to the result."""
+    ids = eval_tokens(dataset, tokenizer, seqlen)
+    result = perplexity(model, ids, seqlen, **kwargs)
     result["dataset"] = dataset
+    result["bits_per_byte"] = bits_per_byte(result, ids, tokenizer)
     return result

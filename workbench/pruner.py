@@ -171,6 +171,7 @@ class Pruner:
         zeros = sum(m["zeros"] for l in report_layers for m in l["modules"].values())
         numel = sum(m["numel"] for l in report_layers for m in l["modules"].values())
         report = {
+            "type": "prune",
             "label": self.step.label(),
             "method": self.step.method,
             "pattern": self.step.pattern,
@@ -218,3 +219,19 @@ class Pruner:
         w = None
         return {"shape": shape, "zeros": zeros, "numel": numel, "sparsity": zeros / numel, "target": target}
 
+
+
+def run_step(run, index: int, step: PruneStep) -> dict:
+    """The engine's runner for ``type = "prune"`` steps (see ``workbench.engine.STEP_RUNNERS``)."""
+    from .events import Log
+
+    name = f"prune:{index}"
+    layers = len(run.loaded.adapter.layers)
+    with run.stage(name, f"Pruning: {step.label()}", total=layers):
+        pruner = Pruner(run.loaded, run.tokens, step, batch_size=run.spec.calibration.batch_size,
+                        offload_activations=run.spec.calibration.offload_activations,
+                        emit=run.emit, cancel=run.cancel, stage=name)
+        report = pruner.run()
+    report["seconds"] = run.timings[name]
+    run.emit(Log(message=f"{step.label()}: achieved sparsity {report['sparsity']:.4f} of the decoder's linear weights"))
+    return report

@@ -79,7 +79,20 @@ class PruneStep:
         return f"{alloc}{self.method} {what}"
 
 
+    def validate(self, where: str = "step") -> None:
+        validate_prune_step(self, where)
+
+
+# Step types by their ``type`` key. Each step class is a dataclass with a
+# ``type`` field, ``label()`` and ``validate(where)`` (raising UserError).
+# Other modules add theirs with ``register_step`` (see the imports at the end).
 STEP_TYPES: dict[str, type] = {"prune": PruneStep}
+
+
+def register_step(kind: str, cls: type) -> type:
+    """Make ``[[steps]] type = kind`` build a ``cls``; returns ``cls`` (usable as a decorator)."""
+    STEP_TYPES[kind] = cls
+    return cls
 
 
 @dataclass
@@ -230,8 +243,7 @@ def validate(spec: RunSpec) -> RunSpec:
         raise UserError(f"calibration.batch_size = {c.batch_size} must be at least 1", "8 is a good default")
 
     for i, step in enumerate(spec.steps):
-        if isinstance(step, PruneStep):
-            validate_prune_step(step, f"steps.{i}")
+        step.validate(f"steps.{i}")
 
     e = spec.evaluate
     for ds in e.perplexity:
@@ -391,3 +403,7 @@ def _strip_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_strip_none(v) for v in value]
     return value
+
+
+# step types defined outside this module register themselves on import
+from . import spec_lowrank, spec_structured  # noqa: E402,F401

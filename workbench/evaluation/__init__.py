@@ -1,0 +1,1 @@
+"""Evaluation beyond perplexity: zero-shot tasks (lm-eval), in-context learning (DAIL), efficiency, reports."""

@@ -1,0 +1,1 @@
+"""Low-rank compression: factorization methods, rank allocation and its search."""

@@ -1,0 +1,1 @@
+"""Structured compression: depth (layers), width (MLP channels, heads) and vocabulary pruning."""
