@@ -264,3 +264,36 @@ def test_demo_model_wikitext2_perplexity(demo_model, tok):
     assert result["total_tokens"] == 393910
     assert result["windows"] == 769
     assert 240 <= result["ppl"] <= 260, result
+
+
+class _UniformLM(torch.nn.Module):
+    """Every next token equally likely: the loss is exactly ln(vocab) per token."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, use_cache=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
+
+
+def test_bits_per_byte_of_a_uniform_model(tok, tmp_path):
+    # a uniform model spends log2(V) bits per token, so bits per byte = log2(V) * tokens / bytes,
+    # with tokens and bytes counted directly on the evaluated windows
+    text = "The quick brown fox jumps over the lazy dog. Ünïcödé — ok.\n" * 40
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    seqlen = 32
+    ids = eval_tokens(f"file:{path}", tok, seqlen)
+    vocab = len(tok)
+    result = perplexity(_UniformLM(vocab), ids, seqlen)
+    assert result["nll"] == pytest.approx(math.log(vocab), rel=1e-6)
+    evaluated = ids[0, : result["windows"] * seqlen].tolist()
+    n_bytes = len(tok.decode(evaluated, skip_special_tokens=True).encode("utf-8"))
+    expected = math.log2(vocab) * len(evaluated) / n_bytes
+    assert ppl_mod.bits_per_byte(result, ids, tok) == pytest.approx(expected, rel=1e-6)
+    # and the evaluate() helper reports the same number beside perplexity
+    assert ppl_mod.evaluate(_UniformLM(vocab), tok, f"file:{path}", seqlen)["bits_per_byte"] == pytest.approx(expected, rel=1e-6)
