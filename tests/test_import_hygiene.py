@@ -23,3 +23,19 @@ def test_cli_validate_does_not_import_torch():
     mods = _modules_after("from workbench.cli import main\nmain(['validate', 'quickstart'])")
     assert "workbench.cli" in mods
     assert "torch" not in mods
+
+
+def test_the_worker_client_side_does_not_import_torch():
+    """The client and the protocol drive a (fake) worker end to end, and a --backend run records it, without torch."""
+    mods = _modules_after(
+        "import sys\n"
+        "from workbench.backends.client import BlockingClient\n"
+        "from workbench.backends.transports import LocalTransport\n"
+        "with BlockingClient(LocalTransport(args=['--fake', '--fake-delay', '0'])) as c:\n"
+        "    assert c.run('run', spec={'steps': [{'type': 'prune'}]})['metrics']\n"
+        "from workbench.cli import main\n"
+        "worker = sys.executable + ' -m workbench worker --fake --fake-delay 0'\n"
+        "assert main(['run', 'quickstart', '--backend', 'local', '--worker-command', worker, '--quiet']) == 0"
+    )
+    assert {"workbench.backends.client", "workbench.backends.protocol", "workbench.backends.transports"} <= mods
+    assert "torch" not in mods and "transformers" not in mods

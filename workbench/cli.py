@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from . import __version__
-from .errors import UserError, WorkbenchError
+from .errors import RunError, WorkbenchError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 COMMANDS: dict = {}
@@ -38,7 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a setting, e.g. --set steps.0.sparsity=0.6 (repeatable)")
     run.add_argument("--out", help="export the compressed model to this folder (safetensors + compression.json)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
-    run.add_argument("--backend", default="inprocess", help="where the engine runs (inprocess)")
+    run.add_argument("--backend", default="inprocess", metavar="WHERE",
+                     help="where the engine runs: inprocess (this process, the default), local (a worker process on "
+                          "this machine) or ssh://[USER@]HOST[:PORT] (a worker on another machine)")
+    run.add_argument("--gpus", metavar="IDS", help="the GPUs the run may use: 0, or 0+1 for a model that needs both "
+                                                    "(sets CUDA_VISIBLE_DEVICES of the engine's process)")
+    run.add_argument("--worker-command", metavar="CMD",
+                     help="the command that starts the worker (default: 'python -m workbench worker' of this Python "
+                          "locally, 'workbench worker' over ssh), e.g. '~/venv/bin/workbench worker'")
+    run.add_argument("--ssh-option", dest="ssh_options", action="append", default=[], metavar="OPTION",
+                     help="an ssh -o option for ssh:// backends, e.g. IdentityFile=~/.ssh/gpu (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("presets", help="list the shipped presets")
@@ -108,48 +117,102 @@ def cmd_run(args) -> int:
     if args.out:
         overrides += ["export.save=true", f"export.out={json.dumps(args.out)}"]
     spec = load_preset(args.preset, overrides)
-    if args.backend != "inprocess":
-        raise UserError(f"backend {args.backend!r} is not available", "use --backend inprocess")
-    return run_inprocess(spec, as_json=args.json, quiet=args.quiet)
+    from workbench.backends.transports import gpu_group, parse_backend
+
+    gpus = gpu_group(args.gpus)
+    transport = parse_backend(args.backend, gpus, args.worker_command, args.ssh_options)
+    if transport is None:
+        if gpus:  # read when torch first touches CUDA, which has not happened yet in this process
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        return run_inprocess(spec, as_json=args.json, quiet=args.quiet)
+    return run_on_worker(spec, transport, as_json=args.json, quiet=args.quiet)
 
 
 def run_inprocess(spec, as_json: bool = False, quiet: bool = False) -> int:
     """Run a spec in this process, recording every event in the run history."""
+    from .engine import Run
+
+    run = Run(spec)
+
+    def execute(emit):
+        run.emit = emit
+        return run.execute()
+
+    return _headless(spec, run.run_id, str(run.run_dir), execute, as_json, quiet)
+
+
+def run_on_worker(spec, transport, as_json: bool = False, quiet: bool = False) -> int:
+    """Run a spec in a worker process (``--backend local`` or ``ssh://HOST``); this process never imports torch.
+
+    The worker's events are recorded in the run history as they arrive, so a
+    worker that dies fails the run with the events so far kept.
+    """
+    from workbench.backends.client import BlockingClient
+
+    from .events import Log
+    from .history import new_run_id
+
+    with BlockingClient(transport, restart=False) as client:  # UserError when the worker cannot start
+        hello, run_id = client.hello, new_run_id()
+        devices = ", ".join(d["name"] for d in hello["devices"])
+        about = (f"worker {transport.describe()}: pid {hello['pid']} on {hello['host']}, torch {hello.get('torch')}, "
+                 f"devices: {devices}")
+
+        def execute(emit):
+            emit(Log(message=about))
+            try:
+                summary = client.run("run", emit, spec=spec.to_dict(), run_id=run_id)
+            except RunError as exc:
+                if exc.kind in ("worker_died", "worker_hung"):
+                    exc.hint = f"the events so far are kept: workbench show {run_id}; {exc.hint}"
+                raise
+            if summary.get("export"):
+                summary["export"] = transport.locate(summary["export"])
+            return summary
+
+        return _headless(spec, run_id, transport.locate(f"{hello['home']}/runs/{run_id}"), execute, as_json, quiet)
+
+
+def _headless(spec, run_id: str, out_dir: str, execute, as_json: bool, quiet: bool) -> int:
+    """Show progress and record every event in the run history while ``execute(emit)`` runs; print the summary.
+
+    A failure keeps the events so far and marks the run failed (or cancelled)
+    with its message, hint and details (a traceback, a worker's last output).
+    """
     from rich.console import Console
 
     from .console import ProgressDisplay, step_tables, summary_table
-    from .engine import Run
     from .events import RunFailed, fanout
     from .history import History
 
     console = Console(stderr=True)
     history = History()
-    run = Run(spec)
-    history.create_run(run.run_id, spec.to_dict(), name=spec.name, model=spec.model.name, out_dir=str(run.run_dir))
+    history.create_run(run_id, spec.to_dict(), name=spec.name, model=spec.model.name, out_dir=out_dir)
     display = ProgressDisplay(console, enabled=not quiet)
-    run.emit = fanout(history.recorder(run.run_id), display)
-    console.print(f"run [bold]{run.run_id}[/]: {spec.summary()}")
+    emit = fanout(history.recorder(run_id), display)
+    console.print(f"run [bold]{run_id}[/]: {spec.summary()}")
     try:
         with display:
-            summary = run.execute()
+            summary = execute(emit)
         if summary.get("export"):
-            history.add_artifact(run.run_id, "model", summary["export"])
-        history.finish_run(run.run_id, summary)
+            history.add_artifact(run_id, "model", summary["export"])
+        history.finish_run(run_id, summary)
     except KeyboardInterrupt:
-        run.emit(RunFailed(run_id=run.run_id, kind="cancelled", message="interrupted"))
-        history.fail_run(run.run_id, "cancelled", "interrupted by the user")
-        _err("interrupted; the events so far are kept in the run history", f"workbench show {run.run_id}")
+        emit(RunFailed(run_id=run_id, kind="cancelled", message="interrupted"))
+        history.fail_run(run_id, "cancelled", "interrupted by the user")
+        _err("interrupted; the events so far are kept in the run history", f"workbench show {run_id}")
         return EXIT_FAILED
     except WorkbenchError as exc:
-        run.emit(RunFailed(run_id=run.run_id, kind=exc.kind, message=exc.message, hint=exc.hint))
-        history.fail_run(run.run_id, exc.kind, exc.message, exc.hint)
+        emit(RunFailed(run_id=run_id, kind=exc.kind, message=exc.message, hint=exc.hint))
+        details = getattr(exc, "details", None)
+        history.fail_run(run_id, exc.kind, exc.message, f"{exc.hint}\n{details}" if details else exc.hint)
         _err(exc.message, exc.hint)
         return exc.exit_code
     except Exception as exc:  # a bug or a library failure: keep what was computed, say where it is
         tb = traceback.format_exc()
-        run.emit(RunFailed(run_id=run.run_id, kind="run_failed", message=f"{type(exc).__name__}: {exc}", hint=tb[-2000:]))
-        history.fail_run(run.run_id, "run_failed", f"{type(exc).__name__}: {exc}", tb[-4000:])
-        _err(f"the run failed: {type(exc).__name__}: {exc}", f"the traceback is stored with the run: workbench show {run.run_id}")
+        emit(RunFailed(run_id=run_id, kind="run_failed", message=f"{type(exc).__name__}: {exc}", hint=tb[-2000:]))
+        history.fail_run(run_id, "run_failed", f"{type(exc).__name__}: {exc}", tb[-4000:])
+        _err(f"the run failed: {type(exc).__name__}: {exc}", f"the traceback is stored with the run: workbench show {run_id}")
         if os.environ.get("WORKBENCH_DEBUG"):
             print(tb, file=sys.stderr)
         return EXIT_FAILED
