@@ -237,7 +237,7 @@ def cmd_history(args) -> int:
         runs = h.runs(limit=args.limit)
         rows = []
         for r in runs:
-            ppl = {f"{m['dataset']}:{m['phase']}": m["value"] for m in h.metrics(r.id)}
+            ppl = {f"{m['dataset']}:{m['phase']}": m["value"] for m in h.metrics(r.id) if m["name"] == "perplexity"}
             rows.append((r, ppl))
     if args.json:
         print(json.dumps([{"id": r.id, "name": r.name, "status": r.status, "model": r.model, "created": r.created,

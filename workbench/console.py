@@ -52,16 +52,30 @@ class ProgressDisplay:
             total = next(t.total for t in p.tasks if t.id == tid) or 1
             p.update(tid, completed=total, total=total)
         elif kind == "metric":
-            p.console.print(f"  {event.name} {event.dataset} ({event.phase}, seqlen {event.seqlen}, "
-                            f"{event.windows} windows{', limit ' + str(event.limit) if event.limit else ''}): {event.value:.3f}")
+            p.console.print(f"  {metric_text(event.to_dict())}")
         elif kind == "warning":
             p.console.print(f"[yellow]warning:[/] {event.message}")
         elif kind == "log" and event.level in ("warning", "error"):
             p.console.print(f"[yellow]{event.level}:[/] {event.message}")
 
 
+def metric_text(m: dict) -> str:
+    """One metric on one line: what, on which data, how it was measured, the value (with its error)."""
+    how = [m.get("phase") or ""]
+    if m.get("seqlen"):
+        how.append(f"seqlen {m['seqlen']}, {m.get('windows')} windows")
+    elif m.get("windows"):
+        how.append(f"{m['windows']} samples")
+    if m.get("limit"):
+        how.append(f"limit {m['limit']}")
+    value = f"{m['value']:.4g}" if isinstance(m.get("value"), (int, float)) else str(m.get("value"))
+    if m.get("stderr") is not None:
+        value += f" ± {m['stderr']:.2g}"
+    return f"{m.get('name')} {m.get('dataset')} ({', '.join(h for h in how if h)}): {value}"
+
+
 def summary_table(summary: dict) -> Table:
-    """Perplexity before/after per dataset, sparsity per step, times."""
+    """Perplexity before/after per dataset, other metrics, what each step achieved, times."""
     table = Table(title=f"run {summary.get('run_id', '')}: {summary.get('name', '')}")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -78,6 +92,11 @@ def summary_table(summary: dict) -> Table:
                 continue
             bpb = (m.get("extra") or {}).get("bits_per_byte")
             table.add_row(f"perplexity {ds} {label} ({note})", f"{m['value']:.3f}" + (f"  ({bpb:.4f} bits/byte)" if bpb is not None else ""))
+    others = [m for m in summary.get("metrics", []) if m.get("name", "perplexity") != "perplexity"]
+    for m in others:  # accuracies, efficiency: dense first, then compressed
+        phase = {"before": "dense", "after": "compressed"}.get(m.get("phase"), m.get("phase"))
+        value = f"{m['value']:.4g}" + (f" ± {m['stderr']:.2g}" if m.get("stderr") is not None else "")
+        table.add_row(f"{m['name']} {m['dataset']} {phase}", value)
     for step in summary.get("steps", []):
         if "sparsity" in step:
             table.add_row(f"{step['label']}: achieved sparsity", f"{step['sparsity']:.4f}")
