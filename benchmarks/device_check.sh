@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks in one go: the CUDA tests, then the pruning benchmark (a Llama-2-7B-shaped
+# The GPU checks in one go: the CUDA tests, the pruning benchmark (a Llama-2-7B-shaped
 # random bf16 model with 128 x 2048 calibration tokens, then the demo model). Results land
-# in $OUT (default benchmarks/out); the benchmark rewrites its JSON after every row.
+# in $OUT (default benchmarks/out); the benchmark rewrites its JSON after every row. Then the
+# 2:4 semi-structured tests and the dense vs 2:4 prefill benchmark of a 7B-shaped model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -11,3 +12,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 python3 benchmarks/prune_bench.py --llama7b --demo-devices cuda --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_efficiency.py 2>&1 | tail -15 | tee -a "$OUT/tests.txt"
+python3 benchmarks/eval_bench.py --llama7b --skip zeroshot,dail --json "$OUT/eval_bench.json" 2>&1 | tee "$OUT/eval_bench.txt"
