@@ -6,18 +6,28 @@ Sources (``describe_source`` gives a one-line description of each):
   SparseGPT and Wanda papers.
 - ``wikitext2``: the WikiText-2 raw validation text as one document (see
   ``_wikitext2_documents`` for why validation).
+- ``books``: the two held-out Project Gutenberg books of
+  ``assets/data/books-calib.txt``, one document each: in-domain text the
+  bundled demo model never saw in training.
 - ``file:PATH``: a local .txt/.jsonl/.json/.csv/.parquet file
   (``workbench.corpora.file_documents``).
 - ``hf:NAME[:CONFIG]:SPLIT[:FIELD]``: a Hugging Face Hub dataset.
 - ``random``: uniform random token ids (no text), special tokens excluded.
-- anything added with ``register_source`` (e.g. ``selfgen``, text generated
-  by the model itself).
+- ``selfgen[:CORPUS]``: text the model generates itself from the first tokens
+  of a seed corpus (``workbench.selfgen``; settings in ``[calibration.selfgen]``).
+- ``mix:A=0.5,B=0.5``: the given fractions of the samples drawn from each
+  source (``parse_mixture``).
+- anything added with ``register_source``.
 
 Sampling follows the SparseGPT/Wanda reference code: with
 ``random.Random(seed)``, pick a random document, skip it unless it has more
 than ``seqlen`` tokens, cut one random window of ``seqlen`` tokens from it;
 repeat. The result is deterministic for a seed, and the first k samples of a
 larger request equal a request for k samples.
+
+``calibration_summary`` describes a calibration set before pruning: its
+documents and tokens, the model's perplexity on the windows, and the
+token-distribution divergence from another source.
 
 This module imports torch only when samples are built, so the UI can call
 ``describe_source`` cheaply.
@@ -33,9 +43,9 @@ import random
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from workbench import corpora
 from workbench.errors import RunError, UserError
@@ -50,9 +60,41 @@ DEFAULT_SOURCE = "c4"
 # version are not reused.
 CACHE_VERSION = 1
 
-SourceResult = Union[Sequence[str], "torch.Tensor"]
-# fn(arg, tokenizer, nsamples, seqlen, seed, model) -> documents or an (nsamples, seqlen) token tensor
-SourceFn = Callable[[str, Any, int, int, int, Any], SourceResult]
+# fn(arg, tokenizer, nsamples, seqlen, seed, model[, context=SourceContext]) ->
+# documents, an (nsamples, seqlen) token tensor, or a CalibrationData
+SourceFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What a source registered with ``wants_context=True`` receives beside its arguments.
+
+    ``options`` holds per-source settings by prefix (``{"selfgen":
+    SelfGenSpec(...)}``, from ``[calibration.selfgen]``, or the same as a
+    dict); ``device`` is where a source that runs the
+    model should run it; ``cache_dir`` is the calibration cache folder (None:
+    no disk cache); ``progress(done, total, detail)`` and ``cancel()`` let a
+    long source (generation) report and stop.
+    """
+
+    options: dict = field(default_factory=dict)
+    device: Any = None
+    cache_dir: Path | None = None
+    progress: Callable[[int, int, str], None] | None = None
+    cancel: Callable[[], bool] | None = None
+
+
+@dataclass
+class CalibrationData:
+    """Calibration windows and, when asked for, the documents they were cut from.
+
+    ``documents`` is None for sources without text (``random``) and when the
+    caller did not ask for them (``calibration_data(with_documents=False)``).
+    """
+
+    ids: "torch.Tensor"  # (nsamples, seqlen) long, on the CPU
+    source: str
+    documents: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +106,8 @@ class _Source:
     takes_arg: bool | None  # True: required, False: refused, None: optional
     cacheable: bool
     builtin: bool
+    join_documents: bool = False  # windows are cut from the documents joined by a blank line
+    wants_context: bool = False  # fn also takes context=SourceContext
 
 
 _SOURCES: dict[str, _Source] = {}
@@ -77,14 +121,21 @@ def register_source(
     usage: str | None = None,
     takes_arg: bool | None = None,
     cacheable: bool = False,
+    join_documents: bool = False,
+    wants_context: bool = False,
 ) -> None:
     """Add a calibration source named ``prefix`` (used as ``prefix`` or ``prefix:ARG``).
 
     ``fn(arg, tokenizer, nsamples, seqlen, seed, model)`` returns either a
     list of documents (strings; windows are then sampled from them exactly as
-    for the built-in text sources) or an integer tensor of shape
-    ``(nsamples, seqlen)`` used as is. ``arg`` is the text after ``prefix:``
+    for the built-in text sources), an integer tensor of shape
+    ``(nsamples, seqlen)`` used as is, or a ``CalibrationData`` (such a tensor
+    with the documents it came from). ``arg`` is the text after ``prefix:``
     ("" when absent); ``model`` is whatever the caller passed (may be None).
+    With ``wants_context=True`` it is also passed ``context=SourceContext``.
+    With ``join_documents=True`` the documents are joined by a blank line
+    before windows are cut, for sources of many texts shorter than a window
+    (generated samples).
 
     ``description`` is a string, or a function of ``arg`` giving one, for
     ``describe_source``. ``cacheable=True`` lets ``calibration_samples``
@@ -107,6 +158,8 @@ def register_source(
         takes_arg=takes_arg,
         cacheable=cacheable,
         builtin=False,
+        join_documents=join_documents,
+        wants_context=wants_context,
     )
 
 
@@ -154,6 +207,10 @@ def _wikitext2_documents(arg, tokenizer, nsamples, seqlen, seed, model):
     of it.
     """
     return [corpora.wikitext2_text("valid")]
+
+
+def _books_documents(arg, tokenizer, nsamples, seqlen, seed, model):
+    return corpora.books_documents("calib")
 
 
 def _file_documents(arg, tokenizer, nsamples, seqlen, seed, model):
@@ -206,8 +263,8 @@ def _describe_hub(arg: str) -> str:
     return f"Hugging Face dataset {name}{config_text}, split {split}, field {field!r}, random windows of its documents"
 
 
-def _builtin(prefix, fn, usage, describe, takes_arg, cacheable=True):
-    _SOURCES[prefix] = _Source(prefix, fn, usage, describe, takes_arg, cacheable, builtin=True)
+def _builtin(prefix, fn, usage, describe, takes_arg, cacheable=True, wants_context=False):
+    _SOURCES[prefix] = _Source(prefix, fn, usage, describe, takes_arg, cacheable, builtin=True, wants_context=wants_context)
 
 
 _builtin("c4", _c4_documents, "c4", lambda arg: "C4 (allenai/c4, en): random windows of the 1,000 bundled train documents", False)
@@ -218,9 +275,111 @@ _builtin(
     lambda arg: "WikiText-2 raw validation text as one document, random windows of it (train is not bundled)",
     False,
 )
+_builtin(
+    "books",
+    _books_documents,
+    "books",
+    lambda arg: "two held-out Project Gutenberg books (The Trial; Stalky & Co.), random windows of them",
+    False,
+)
 _builtin("file", _file_documents, "file:PATH", _describe_file, True)
 _builtin("hf", _hub_documents, "hf:NAME[:CONFIG]:SPLIT[:FIELD]", _describe_hub, True)
 _builtin("random", _random_tokens, "random", lambda arg: "uniform random token ids (no text), special tokens excluded", False, cacheable=False)
+
+
+def _selfgen_documents(arg, tokenizer, nsamples, seqlen, seed, model, context):
+    from workbench.selfgen import selfgen_source  # imports torch and transformers' generation
+
+    return selfgen_source(arg, tokenizer, nsamples, seqlen, seed, model, context)
+
+
+def _describe_selfgen(arg: str) -> str:
+    return f"text the model generates from the first tokens of {arg or 'its seed corpus'}, its worst-perplexity samples dropped"
+
+
+register_source(
+    "selfgen",
+    _selfgen_documents,
+    description=_describe_selfgen,
+    usage="selfgen[:CORPUS]",
+    join_documents=True,
+    wants_context=True,
+)
+
+
+# ------------------------------------------------------------------ mixtures
+
+
+def parse_mixture(spec: str, key: str = "calibration.source") -> list[tuple[str, float]]:
+    """``"c4=0.5,selfgen=0.5"`` -> ``[("c4", 0.5), ("selfgen", 0.5)]``.
+
+    Each part is ``SOURCE=FRACTION`` (the last ``=`` splits, so a source may
+    hold one); fractions are positive and sum to 1. Sources are not checked
+    here (``workbench.spec.check_calibration_source`` and ``_resolve`` do).
+    """
+    hint = "write mix:SOURCE=FRACTION,SOURCE=FRACTION with fractions summing to 1, e.g. mix:c4=0.5,selfgen=0.5"
+    parts = [p.strip() for p in spec.split(",")]
+    if not spec.strip() or any(not p for p in parts):
+        raise UserError(f"{key}: the mixture {spec!r} is empty or has an empty part", hint=hint)
+    out: list[tuple[str, float]] = []
+    for part in parts:
+        source, sep, value = part.rpartition("=")
+        source = source.strip()
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = float("nan")
+        if not sep or not source or not (0.0 < fraction <= 1.0):
+            raise UserError(f"{key}: {part!r} in the mixture is not SOURCE=FRACTION with a fraction in (0, 1]", hint=hint)
+        if source.lower().startswith("mix:") or source.lower() == "mix":
+            raise UserError(f"{key}: a mixture cannot hold another mixture ({part!r})", hint="list every source in one mix:")
+        if source in (s for s, _ in out):
+            raise UserError(f"{key}: {source!r} appears twice in the mixture", hint="give each source once, with its total fraction")
+        out.append((source, fraction))
+    total = sum(f for _, f in out)
+    if abs(total - 1.0) > 1e-6:
+        raise UserError(f"{key}: the mixture fractions sum to {total:g}, not 1", hint=hint)
+    return out
+
+
+def mixture_counts(parts: list[tuple[str, float]], nsamples: int, key: str = "calibration.source") -> list[int]:
+    """Samples per source: ``fraction * nsamples`` rounded so the counts sum to ``nsamples`` (largest remainders first)."""
+    exact = [f * nsamples for _, f in parts]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(parts)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: nsamples - sum(counts)]:
+        counts[i] += 1
+    for (source, fraction), n in zip(parts, counts):
+        if n == 0:
+            raise UserError(
+                f"{key}: {source} gets 0 of the {nsamples} samples at fraction {fraction:g}",
+                hint="raise calibration.nsamples or that source's fraction",
+            )
+    return counts
+
+
+def _mixture(arg, tokenizer, nsamples, seqlen, seed, model, context):
+    """The samples of each source, in the order given, concatenated; documents too when every source has them."""
+    import torch
+
+    parts = parse_mixture(arg)
+    counts = mixture_counts(parts, nsamples)
+    pieces = [
+        calibration_data(source, tokenizer, n, seqlen, seed, context.cache_dir, model, context, with_documents=True)
+        for (source, _), n in zip(parts, counts)
+    ]
+    documents = None
+    if all(p.documents is not None for p in pieces):
+        documents = [d for p in pieces for d in p.documents]
+    return CalibrationData(torch.cat([p.ids for p in pieces]), f"mix:{arg}", documents)
+
+
+def _describe_mixture(arg: str) -> str:
+    parts = parse_mixture(arg)
+    return "a mixture: " + ", ".join(f"{fraction:.0%} of the samples from {source}" for source, fraction in parts)
+
+
+register_source("mix", _mixture, description=_describe_mixture, usage="mix:SOURCE=FRACTION,...", takes_arg=True, wants_context=True)
 
 
 # ------------------------------------------------------------------ sampling
@@ -325,7 +484,32 @@ def sample_windows(documents: Sequence[str], tokenizer, nsamples: int, seqlen: i
     return samples
 
 
-def _as_tensor(result: SourceResult, entry: _Source, tokenizer, nsamples: int, seqlen: int, seed: int) -> "torch.Tensor":
+def _as_data(result, entry: _Source, source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> CalibrationData:
+    """A source's result as checked windows (sampled from its documents when it returned text)."""
+    import torch
+
+    if isinstance(result, CalibrationData):
+        return CalibrationData(_checked_ids(result.ids, entry, nsamples, seqlen), source, result.documents)
+    if isinstance(result, torch.Tensor):
+        return CalibrationData(_checked_ids(result, entry, nsamples, seqlen), source)
+    if isinstance(result, str) or not all(isinstance(d, str) for d in result):
+        raise RunError(f"the calibration source {entry.prefix!r} returned {type(result).__name__}, not a list of documents", hint="fix the source's function")
+    documents = [d for d in result if d.strip()]
+    sampled = ["\n\n".join(documents)] if entry.join_documents and documents else documents
+    windows = sample_windows(sampled, tokenizer, nsamples, seqlen, seed)
+    return CalibrationData(torch.tensor(windows, dtype=torch.long).reshape(nsamples, seqlen), source, documents)
+
+
+def _documents_of(result) -> list[str] | None:
+    """The documents in a source's result, without sampling windows (None for token sources)."""
+    if isinstance(result, CalibrationData):
+        return result.documents
+    if isinstance(result, (list, tuple)) and all(isinstance(d, str) for d in result):
+        return [d for d in result if d.strip()]
+    return None
+
+
+def _checked_ids(result, entry: _Source, nsamples: int, seqlen: int) -> "torch.Tensor":
     import torch
 
     if isinstance(result, torch.Tensor):
@@ -336,11 +520,7 @@ def _as_tensor(result: SourceResult, entry: _Source, tokenizer, nsamples: int, s
                 hint="fix the source's function",
             )
         return result.detach().to(device="cpu", dtype=torch.long).contiguous()
-    if isinstance(result, str) or not all(isinstance(d, str) for d in result):
-        raise RunError(f"the calibration source {entry.prefix!r} returned {type(result).__name__}, not a list of documents", hint="fix the source's function")
-    documents = [d for d in result if d.strip()]
-    windows = sample_windows(documents, tokenizer, nsamples, seqlen, seed)
-    return torch.tensor(windows, dtype=torch.long).reshape(nsamples, seqlen)
+    raise RunError(f"the calibration source {entry.prefix!r} returned {type(result).__name__}, not a token tensor", hint="fix the source's function")
 
 
 # --------------------------------------------------------------- disk cache
@@ -388,19 +568,31 @@ def _model_identity(model) -> dict | None:
     }
 
 
+# The bundled file each built-in text source reads.
+_BUNDLED_FILES = {
+    "c4": corpora.C4_FILES["train"],
+    "wikitext2": corpora.WIKITEXT2_FILES["valid"],
+    "books": corpora.BOOKS_FILES["calib"],
+}
+
+
 def _content_fingerprint(entry: _Source, arg: str, model) -> Any:
     if entry.prefix == "file":
         path = Path(arg).expanduser()
         if not path.is_file():
             corpora.file_documents(path)  # raises the missing-file error
         return {"sha256": _sha256_file(path), "suffixes": "".join(path.suffixes).lower()}
-    if entry.prefix == "c4":
-        return _sha256_file(corpora.bundled_path(corpora.C4_FILES["train"]))
-    if entry.prefix == "wikitext2":
-        return _sha256_file(corpora.bundled_path(corpora.WIKITEXT2_FILES["valid"]))
+    if entry.prefix in _BUNDLED_FILES:
+        return _sha256_file(corpora.bundled_path(_BUNDLED_FILES[entry.prefix]))
     if not entry.builtin:
         return {"model": _model_identity(model)}
     return None
+
+
+def source_fingerprint(source: str, model=None) -> Any:
+    """What identifies a source's content for caching: the bytes of its file for bundled and local data, else its name."""
+    entry, arg = _resolve(source)
+    return {"source": entry.prefix if entry.prefix == "file" else f"{entry.prefix}:{arg}", "content": _content_fingerprint(entry, arg, model)}
 
 
 def _cache_path(cache_dir, entry: _Source, key: str, nsamples: int, seqlen: int, seed: int) -> Path:
@@ -425,22 +617,31 @@ def _load_cached(path: Path, key: str, nsamples: int, seqlen: int):
     return ids
 
 
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder renamed into place.
+
+    ``write(fh)`` gets a binary file. Readers never see a partial file, and an
+    interruption (an error, a cancel, Ctrl-C) leaves no file at all.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def _save_cached(path: Path, key: str, ids) -> None:
     import torch
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save({"key": key, "input_ids": ids}, fh)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(path, lambda fh: torch.save({"key": key, "input_ids": ids}, fh))
     except OSError as exc:  # caching is an optimization; a read-only folder must not fail the run
         log.warning("could not cache calibration samples in %s: %s", path.parent, exc)
 
@@ -462,6 +663,7 @@ def calibration_samples(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     model=None,
+    context: SourceContext | None = None,
 ) -> "torch.Tensor":
     """Calibration token ids, a CPU ``torch.long`` tensor of shape ``(nsamples, seqlen)``.
 
@@ -470,16 +672,45 @@ def calibration_samples(
     the source, its content (the file's bytes for ``file:``), the tokenizer's
     identity, nsamples, seqlen and seed, and reused when all of them match.
     ``model`` is only passed on to sources that use it (``random`` caps the
-    ids at its embedding rows; registered sources such as ``selfgen``).
+    ids at its embedding rows; ``selfgen`` generates with it). ``context``
+    carries settings, device, progress and cancel to the sources that take
+    one (``selfgen``, ``mix``).
 
     Raises ``UserError`` for an unknown source, unreadable data, or data too
     short for ``nsamples`` windows of ``seqlen`` tokens.
+    """
+    return calibration_data(source, tokenizer, nsamples, seqlen, seed, cache_dir, model, context).ids
+
+
+def calibration_data(
+    source: str,
+    tokenizer,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    model=None,
+    context: SourceContext | None = None,
+    with_documents: bool = False,
+) -> CalibrationData:
+    """``calibration_samples`` with the source's documents beside the windows (when ``with_documents``).
+
+    On a disk-cache hit the windows come from the cache and, if asked for, the
+    documents are read again from the source (cheap: the built-in corpora are
+    cached in-process and ``selfgen`` keeps its generated set on disk).
     """
     nsamples = _positive_int("nsamples", nsamples)
     seqlen = _positive_int("seqlen", seqlen)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed must be a whole number, not {seed!r}", hint="set seed to an integer such as 0")
     entry, arg = _resolve(source)
+    source = source.strip()
+    context = replace(context or SourceContext(), cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None)
+
+    def call():
+        if entry.wants_context:
+            return entry.fn(arg, tokenizer, nsamples, seqlen, seed, model, context=context)
+        return entry.fn(arg, tokenizer, nsamples, seqlen, seed, model)
 
     cache_path = key = None
     if cache_dir is not None and entry.cacheable:
@@ -496,10 +727,128 @@ def calibration_samples(
         cache_path = _cache_path(cache_dir, entry, key, nsamples, seqlen, seed)
         cached = _load_cached(cache_path, key, nsamples, seqlen)
         if cached is not None:
-            return cached
+            return CalibrationData(cached, source, _documents_of(call()) if with_documents else None)
 
-    result = entry.fn(arg, tokenizer, nsamples, seqlen, seed, model)
-    ids = _as_tensor(result, entry, tokenizer, nsamples, seqlen, seed)
+    data = _as_data(call(), entry, source, tokenizer, nsamples, seqlen, seed)
     if cache_path is not None:
-        _save_cached(cache_path, key, ids)
-    return ids
+        _save_cached(cache_path, key, data.ids)
+    if not with_documents:
+        data.documents = None
+    return data
+
+
+# Sources whose documents can seed generation (``text_documents``).
+TEXT_SOURCES = ("c4", "wikitext2", "books", "file", "hf")
+
+
+def text_documents(source: str) -> list[str]:
+    """The documents of a text source (``c4``, ``wikitext2``, ``books``, ``file:PATH``, ``hf:...``), without sampling."""
+    entry, arg = _resolve(source)
+    if entry.prefix not in TEXT_SOURCES:
+        raise UserError(f"{source!r} is not a text corpus", hint=f"use one of: {', '.join(s for s in source_names() if s.split(':')[0] in TEXT_SOURCES)}")
+    return [d for d in entry.fn(arg, None, 0, 0, 0, None) if d.strip()]
+
+
+# ------------------------------------------------------------------ summary
+
+
+# Windows the summary's perplexity reads: a proxy, so a bounded fraction of the cost of a pruning pass.
+SUMMARY_WINDOWS = 32
+_TOKEN_COUNTS: dict[tuple[str, str], int] = {}  # (documents hash, tokenizer) -> tokens; a study counts the same corpus per cell
+
+
+def count_tokens(documents: Sequence[str], tokenizer, batch: int = 64) -> int:
+    """Tokens in ``documents`` (no special tokens), tokenized in batches; remembered in-process per corpus and tokenizer."""
+    digest = hashlib.sha256()
+    for d in documents:
+        digest.update(d.encode("utf-8") + b"\x00")
+    key = (digest.hexdigest(), json.dumps(tokenizer_fingerprint(tokenizer), sort_keys=True))
+    if key not in _TOKEN_COUNTS:
+        total = 0
+        for start in range(0, len(documents), batch):
+            encoded = tokenizer(list(documents[start : start + batch]), add_special_tokens=False, verbose=False)["input_ids"]
+            total += sum(len(ids) for ids in encoded)
+        if len(_TOKEN_COUNTS) >= 32:
+            _TOKEN_COUNTS.pop(next(iter(_TOKEN_COUNTS)))
+        _TOKEN_COUNTS[key] = total
+    return _TOKEN_COUNTS[key]
+
+
+def token_divergence(a: "torch.Tensor", b: "torch.Tensor") -> float:
+    """Jensen-Shannon divergence in bits between the token frequencies of two id sets.
+
+    0 when both use the tokens in the same proportions, 1 when they share no
+    token. Unlike the KL divergence it is symmetric and finite when one set
+    uses tokens the other never does (random ids against text).
+    """
+    import torch
+
+    a = a.reshape(-1).long()
+    b = b.reshape(-1).long()
+    size = int(max(a.max(), b.max())) + 1
+    p = torch.bincount(a, minlength=size).double()
+    q = torch.bincount(b, minlength=size).double()
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(x):
+        nz = x > 0
+        return float((x[nz] * torch.log2(x[nz] / m[nz])).sum())
+
+    return max(0.0, 0.5 * (kl(p) + kl(q)))
+
+
+def calibration_summary(
+    data: CalibrationData,
+    tokenizer,
+    model=None,
+    device=None,
+    batch_size: int = 8,
+    compare: CalibrationData | None = None,
+    cancel: Callable[[], bool] | None = None,
+    max_windows: int = SUMMARY_WINDOWS,
+) -> dict:
+    """What a calibration set is, before pruning on it.
+
+    ``documents`` and ``tokens`` count the source's text (None for token
+    sources); ``perplexity`` is the model's perplexity on the first
+    ``max_windows`` calibration windows (a cheap proxy of how close the data
+    is to what the model was trained on; needs ``model``); ``divergence`` is
+    the Jensen-Shannon divergence (bits) between the token frequencies of all
+    the windows and ``compare``'s.
+    """
+    nsamples, seqlen = data.ids.shape
+    out: dict = {
+        "source": data.source,
+        "windows": int(nsamples),
+        "seqlen": int(seqlen),
+        "documents": len(data.documents) if data.documents is not None else None,
+        "tokens": count_tokens(data.documents, tokenizer) if data.documents is not None else None,
+    }
+    if model is not None:
+        from workbench.evaluation.placement import placed
+        from workbench.perplexity import perplexity
+
+        windows = data.ids[:max_windows]
+        with placed(model, device if device is not None else "cpu") as dev:
+            result = perplexity(model, windows.reshape(1, -1), int(seqlen), batch_size=batch_size, device=dev, cancel=cancel)
+        out["perplexity"] = float(result["ppl"])
+        out["perplexity_windows"] = int(windows.shape[0])
+    if compare is not None:
+        out["divergence"] = {"from": compare.source, "js_bits": token_divergence(data.ids, compare.ids)}
+    return out
+
+
+def summary_line(summary: dict) -> str:
+    """One line for logs: ``books: 2 documents, 212,345 tokens; dense perplexity 61.2 on 32 x 256; JS divergence 0.21 bits from c4``."""
+    parts = []
+    if summary.get("documents") is not None:
+        parts.append(f"{summary['documents']:,} documents, {summary['tokens']:,} tokens")
+    else:
+        parts.append("token ids without text")
+    if summary.get("perplexity") is not None:
+        parts.append(f"dense perplexity {summary['perplexity']:.2f} on {summary['perplexity_windows']} x {summary['seqlen']} tokens")
+    div = summary.get("divergence")
+    if div:
+        parts.append(f"token JS divergence {div['js_bits']:.3f} bits from {div['from']}")
+    return f"calibration data {summary['source']}: " + "; ".join(parts)

@@ -1,4 +1,4 @@
-"""Text corpora: the bundled WikiText-2 and C4 samples, local files, Hub datasets.
+"""Text corpora: the bundled WikiText-2, C4 and held-out books, local files, Hub datasets.
 
 Everything here returns plain strings (documents); tokenizing and sampling
 live in ``workbench.calibration`` and ``workbench.perplexity``. This module
@@ -25,6 +25,7 @@ DATA_DIR = Path(__file__).resolve().parent / "assets" / "data"
 
 WIKITEXT2_FILES = {"test": "wikitext2-test.raw", "valid": "wikitext2-valid.raw"}
 C4_FILES = {"train": "c4-train-1000.jsonl.gz", "validation": "c4-validation-2000.jsonl.gz"}
+BOOKS_FILES = {"calib": "books-calib.txt", "eval": "books-eval.txt"}
 
 # Suffixes ``file_documents`` reads; ``.gz`` of the text formats is read too.
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
@@ -88,6 +89,27 @@ def _c4_documents(split: str) -> tuple[str, ...]:
 def c4_documents(split: str = "train") -> list[str]:
     """The bundled C4 (``allenai/c4``, en) documents: ``"train"`` (1,000) or ``"validation"`` (2,000)."""
     return list(_c4_documents(split))
+
+
+# --------------------------------------------------------------------- books
+
+
+@functools.lru_cache(maxsize=None)
+def books_text(split: str = "calib") -> str:
+    """The held-out Project Gutenberg books: ``"calib"`` (two books) or ``"eval"`` (four other books).
+
+    The demo model never saw these books in training, so they are in-domain
+    text it has not memorized: ``calib`` for calibration, ``eval`` for
+    perplexity. Paragraphs are separated by a blank line, books by two.
+    """
+    path = bundled_path(_split_name(split, BOOKS_FILES, "the books corpus"))
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def books_documents(split: str = "calib") -> list[str]:
+    """One document per book (books are separated by two blank lines)."""
+    return [book for book in re.split(r"\n{3,}", books_text(split)) if book.strip()]
 
 
 # --------------------------------------------------------------------- files

@@ -113,61 +113,106 @@ class Run:
             self.loaded = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
             info = model_summary(self.loaded)
             self.model_info = info
-            self.emit(Log(message=f"{info.get('architecture')} with {info.get('layers')} layers, "
-                                  f"{info.get('parameters', 0) / 1e6:.1f}M parameters, {self.loaded.dtype} on {self.loaded.device}"))
+            self.emit(Log(message=f"{info.get('architecture')} with {info.get('num_layers')} layers, "
+                                  f"{info.get('total_params', 0) / 1e6:.1f}M parameters, {self.loaded.dtype} on {self.loaded.device}"))
         return self.loaded
 
     def context_seqlen(self) -> int:
         return min(MAX_SEQLEN, int(self.loaded.adapter.context_length or MAX_SEQLEN))
 
     def calibrate(self) -> torch.Tensor:
-        from .calibration import calibration_samples
+        """Build the calibration windows; with ``calibration.summary``, describe them (Log event and the run summary)."""
+        from .calibration import SourceContext, calibration_data, calibration_summary, summary_line
 
         c = self.spec.calibration
         seqlen = c.seqlen or self.context_seqlen()
         if seqlen > self.loaded.adapter.context_length:
             self.emit(WarningEvent(message=f"calibration seqlen {seqlen} exceeds the model's context ({self.loaded.adapter.context_length})"))
+        context = SourceContext(
+            options={"selfgen": c.selfgen}, device=self.loaded.device, cancel=self.cancel,
+            progress=lambda done, total, detail: self.emit(Progress(stage="calibrate", done=done, total=total, detail=detail)),
+        )
+
+        def build(source: str, with_documents: bool):
+            return calibration_data(source, self.loaded.tokenizer, nsamples=c.nsamples, seqlen=seqlen, seed=c.seed,
+                                    cache_dir=cache_dir() / "calibration", model=self.loaded.model, context=context,
+                                    with_documents=with_documents)
+
+        summary = None
         with self.stage("calibrate", f"Calibration data: {c.nsamples} x {seqlen} tokens of {c.source}"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
-                tokens = calibration_samples(c.source, self.loaded.tokenizer, nsamples=c.nsamples, seqlen=seqlen,
-                                             seed=c.seed, cache_dir=cache_dir() / "calibration", model=self.loaded.model)
+                data = build(c.source, c.summary)
+                if c.summary:
+                    compare = build(c.compare, False) if c.compare else None
+                    summary = calibration_summary(data, self.loaded.tokenizer, self.loaded.model, self.loaded.device,
+                                                  batch_size=self.spec.evaluate.batch_size, compare=compare, cancel=self.cancel)
+                    self.emit(Log(message=summary_line(summary)))
             for w in caught:
                 if issubclass(w.category, UserWarning):
                     self.emit(WarningEvent(message=str(w.message)))
-        self.calibration_info = {"source": c.source, "nsamples": c.nsamples, "seqlen": seqlen, "seed": c.seed}
-        return tokens
+        self.calibration_info = {"source": c.source, "nsamples": c.nsamples, "seqlen": seqlen, "seed": c.seed, "summary": summary}
+        return data.ids
 
     def evaluate(self, phase: str) -> None:
+        """Measure the model as it is now: perplexity, then the zero-shot, ICL and efficiency evaluations asked for.
+
+        ``phase`` is recorded with every metric: before (the dense model),
+        after (compressed) or eval (an evaluation attached to a finished run).
+        What the evaluations read (task files, data sets) is loaded first, so
+        bad input fails before any model work. The model is placed where it
+        fits for the whole evaluation (``workbench.evaluation.placement``) and
+        is back in CPU memory afterwards.
+        """
+        from .evaluation import suite
+        from .evaluation.placement import placed
+
+        e = self.spec.evaluate
+        if not e.perplexity and not suite.requested(e):
+            return
+        prepared = self.prepared_evaluations()
+
+        def warn(message: str) -> None:
+            self.emit(WarningEvent(message=message))
+
+        with placed(self.loaded.model, self.loaded.device, warn=warn) as device:
+            if e.perplexity:
+                self._perplexity(phase, device)
+            suite.run_all(self, phase, prepared, device)
+
+    def prepared_evaluations(self):
+        """The evaluations' inputs (task files, data sets), read once, before any model work."""
+        from .evaluation import suite
+
+        if getattr(self, "_prepared", None) is None:
+            self._prepared = suite.prepare(self.spec.evaluate)
+        return self._prepared
+
+    def _perplexity(self, phase: str, device: torch.device) -> None:
+        from .evaluation.suite import phase_label
         from .perplexity import bits_per_byte, eval_tokens, perplexity
 
         e = self.spec.evaluate
-        if not e.perplexity:
-            return
         loaded = self.loaded
         seqlen = e.seqlen or self.context_seqlen()
-        device = torch.device(loaded.device)
         name = f"evaluate:{phase}"
-        with self.stage(name, f"Perplexity ({'dense' if phase == 'before' else 'compressed'})"):
-            loaded.model.to(device)
-            try:
-                for ds in e.perplexity:
-                    ids = eval_tokens(ds, loaded.tokenizer, seqlen)
+        with self.stage(name, f"Perplexity ({phase_label(phase)})"):
+            for ds in e.perplexity:
+                ids = eval_tokens(ds, loaded.tokenizer, seqlen)
 
-                    def progress(done, total, ds=ds):
-                        self.emit(Progress(stage=name, done=done, total=total, detail=ds))
+                def progress(done, total, ds=ds):
+                    self.emit(Progress(stage=name, done=done, total=total, detail=ds))
 
-                    result = perplexity(loaded.model, ids, seqlen, limit=e.limit, batch_size=e.batch_size,
-                                        device=device, progress=progress, cancel=self.cancel)
-                    metric = {"name": "perplexity", "dataset": ds, "phase": phase, "value": float(result["ppl"]),
-                              "seqlen": seqlen, "windows": int(result["windows"]), "limit": e.limit,
-                              "extra": {"bits_per_byte": bits_per_byte(result, ids, loaded.tokenizer)}}
-                    self.metrics.append(metric)
-                    self.emit(Metric(**metric))
-            finally:
-                if device.type != "cpu":
-                    loaded.model.to("cpu")
-                    torch.cuda.empty_cache()
+                result = perplexity(loaded.model, ids, seqlen, limit=e.limit, batch_size=e.batch_size,
+                                    device=device, progress=progress, cancel=self.cancel)
+                self.add_metric({"name": "perplexity", "dataset": ds, "phase": phase, "value": float(result["ppl"]),
+                                 "seqlen": seqlen, "windows": int(result["windows"]), "limit": e.limit,
+                                 "extra": {"bits_per_byte": bits_per_byte(result, ids, loaded.tokenizer)}})
+
+    def add_metric(self, metric: dict) -> None:
+        """Keep a measured number in the run's summary and emit it (the history stores it as it arrives)."""
+        self.metrics.append(metric)
+        self.emit(Metric(**metric))
 
     def compress(self, index: int, step) -> None:
         """Apply one compression step through the runner registered for its type."""
@@ -216,6 +261,7 @@ class Run:
         try:
             with torch.no_grad():
                 self.load()
+                self.prepared_evaluations()  # a bad task or data file fails now, not after compression
                 self.tokens = self.calibrate() if self.spec.steps else None
                 if self.spec.evaluate.before or not self.spec.steps:
                     self.evaluate("before")

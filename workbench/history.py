@@ -190,6 +190,11 @@ class History:
             sql += f" LIMIT {int(limit)}"
         return [self._record(r) for r in self.db.execute(sql)]
 
+    def finished_specs(self) -> list[tuple[str, dict]]:
+        """(run id, spec) of every finished run, newest first: what a study looks up to reuse runs."""
+        rows = self.db.execute("SELECT id, spec FROM runs WHERE status = 'finished' ORDER BY created DESC")
+        return [(run_id, json.loads(spec)) for run_id, spec in rows]
+
     def get(self, run_id: str) -> RunRecord:
         """A run by id, or by a unique prefix of its id."""
         rows = self.db.execute(f"SELECT {self._COLUMNS} FROM runs WHERE id LIKE ? ORDER BY created DESC", (run_id + "%",)).fetchall()
@@ -217,3 +222,18 @@ class History:
 
     def artifacts(self, run_id: str) -> list[dict]:
         return [{"kind": k, "path": p} for k, p in self.db.execute("SELECT kind, path FROM artifacts WHERE run_id = ?", (run_id,))]
+
+    def model_of(self, record: RunRecord) -> str | None:
+        """The model a run leaves behind, for evaluations attached to it later (their metrics have phase "eval").
+
+        Its exported folder when it saved one; for a run without compression
+        steps, the model it loaded; None when the compressed model was not kept.
+        """
+        for artifact in self.artifacts(record.id):
+            if artifact["kind"] == "model":
+                return artifact["path"]
+        if record.summary and record.summary.get("export"):
+            return record.summary["export"]
+        if not record.spec.get("steps"):
+            return (record.spec.get("model") or {}).get("name")
+        return None

@@ -8,6 +8,9 @@ equals the references' ``exp(sum(loss * seqlen) / (windows * seqlen))``.
 - ``wikitext2``: the WikiText-2 raw test rows joined by ``"\\n\\n"``.
 - ``c4``: the first 1,100 bundled C4 validation documents joined by ``" "``,
   truncated to 256 windows (SparseGPT's C4 protocol).
+- ``books``: four held-out Project Gutenberg books (``assets/data/books-eval.txt``),
+  in-domain text the bundled demo model never saw; calibration on ``books``
+  uses two other books.
 - ``file:PATH``: the text of a local file (``workbench.corpora.file_text``).
 
 torch is imported only when tokens are built or a model is evaluated.
@@ -28,7 +31,7 @@ from workbench.errors import Cancelled, UserError
 if TYPE_CHECKING:
     import torch
 
-EVAL_DATASETS = ("wikitext2", "c4", "file:PATH")
+EVAL_DATASETS = ("wikitext2", "c4", "books", "file:PATH")
 C4_EVAL_DOCUMENTS = 1100
 C4_EVAL_WINDOWS = 256
 # float32 logits handled at once when computing losses (128 MiB): bounds the
@@ -47,16 +50,18 @@ def _parse(dataset: str) -> tuple[str, str]:
     name = name.strip().lower()
     if name == "file" and arg.strip():
         return "file", arg.strip()
-    if name in ("wikitext2", "c4") and not sep:
+    if name in ("wikitext2", "c4", "books") and not sep:
         return name, ""
     raise UserError(f"unknown evaluation dataset {dataset!r}", hint=f"use one of: {', '.join(EVAL_DATASETS)}")
 
 
 def eval_text(dataset: str) -> str:
-    """The text perplexity is measured on: ``wikitext2``, ``c4`` or ``file:PATH`` (see the module docstring)."""
+    """The text perplexity is measured on: ``wikitext2``, ``c4``, ``books`` or ``file:PATH`` (see the module docstring)."""
     name, arg = _parse(dataset)
     if name == "wikitext2":
         return corpora.wikitext2_text("test")
+    if name == "books":
+        return corpora.books_text("eval")
     if name == "c4":
         return " ".join(corpora.c4_documents("validation")[:C4_EVAL_DOCUMENTS])
     return corpora.file_text(arg)

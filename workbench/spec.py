@@ -29,9 +29,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 ALLOCATIONS = ("uniform", "owl")
 SCOPES = ("row", "matrix")
-EVAL_DATASETS_BUILTIN = ("wikitext2", "c4")
-CALIBRATION_BUILTIN = ("c4", "wikitext2", "random")
-CALIBRATION_PREFIXES = ("file:", "hf:")
+EVAL_DATASETS_BUILTIN = ("wikitext2", "c4", "books")
+CALIBRATION_BUILTIN = ("c4", "wikitext2", "random", "books", "selfgen")
+CALIBRATION_PREFIXES = ("file:", "hf:", "selfgen:", "mix:")
+# Seed corpora of self-generated calibration data: text sources, never an evaluation text.
+SELFGEN_CORPORA = ("wikitext2", "c4", "books")
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -45,6 +47,22 @@ class ModelSpec:
 
 
 @dataclass
+class SelfGenSpec:
+    """``[calibration.selfgen]``: how ``selfgen`` makes its text (``workbench.selfgen``; defaults from Ji et al., ICLR 2025)."""
+
+    corpus: str = "wikitext2"  # seed texts: wikitext2 (validation), c4 (train), books, file:PATH, hf:...
+    prefix_tokens: int = 2  # k: generation starts from the first k tokens of each seed text
+    samples: int | None = None  # texts to generate; None: ceil(nsamples / keep)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 50
+    repetition_penalty: float = 1.2
+    max_new_tokens: int | None = None  # None: the calibration seqlen
+    keep: float = 0.8  # keep the samples whose perplexity is below this quantile
+    batch_size: int = 32  # sequences generated at once
+
+
+@dataclass
 class CalibrationSpec:
     source: str = "c4"
     nsamples: int = 128
@@ -52,6 +70,9 @@ class CalibrationSpec:
     seed: int = 0
     batch_size: int = 8
     offload_activations: bool = False  # keep calibration activations in CPU memory
+    summary: bool = True  # documents, tokens and the dense model's perplexity on the windows, before pruning
+    compare: str | None = None  # a source to measure the token-distribution divergence from
+    selfgen: SelfGenSpec = field(default_factory=SelfGenSpec)
 
 
 @dataclass
@@ -102,6 +123,21 @@ class EvalSpec:
     limit: int | None = None  # the first N windows only
     before: bool = True  # also evaluate the dense model
     batch_size: int = 4
+    # zero-shot accuracy through lm-evaluation-harness (workbench.evaluation.zeroshot)
+    zeroshot: list[str] = field(default_factory=list)  # bundled task names, lm_eval:NAME or file:TASK.yaml
+    zeroshot_limit: int | None = None  # the first N samples of each task (None: the full sets)
+    # in-context learning (workbench.evaluation.icl): zero-shot, few-shot and DAIL on classification sets
+    icl: list[str] = field(default_factory=list)  # bundled data set names or file:PATH.jsonl
+    icl_modes: list[str] = field(default_factory=lambda: ["dail"])  # zeroshot, fewshot, dail
+    icl_k: int = 4  # demonstrations per query
+    icl_memory: int = 32  # DAIL: at most M earlier (query, predicted label) pairs kept
+    icl_retriever: str = "bm25"  # bm25 | hidden (cosine of the model's mean-pooled hidden states)
+    icl_max_entropy: float | None = None  # DAIL: only predictions at most this uncertain (0..1) serve as demonstrations
+    icl_seeds: int = 3  # query orders (and few-shot draws); accuracy is reported as mean and std over them
+    icl_limit: int | None = None  # a fixed random subset of N test queries per data set
+    icl_labels: list[str] = field(default_factory=list)  # label words of a file: data set, by label index
+    icl_template: str = ""  # prompt of a file: data set, e.g. "Review: {text}\nSentiment:"
+    efficiency: bool = False  # parameters, size, prefill tokens/s, decode latency, peak memory
 
 
 @dataclass
@@ -189,8 +225,16 @@ def _build(cls, data: Any, where: str):
         if key not in known:
             allowed = ", ".join(k for k in known if k != "type")
             raise UserError(f"unknown key '{where}.{key}'", f"allowed keys in [{where}]: {allowed}")
-        kwargs[key] = _coerce(f"{where}.{key}", value, str(known[key].type))
+        nested = _NESTED_TABLES.get(str(known[key].type))
+        if nested is not None:
+            kwargs[key] = _build(nested, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(f"{where}.{key}", value, str(known[key].type))
     return cls(**kwargs)
+
+
+# Fields that are tables of their own, e.g. [calibration.selfgen].
+_NESTED_TABLES = {"SelfGenSpec": SelfGenSpec}
 
 
 def _build_step(data: Any, index: int):
@@ -218,6 +262,8 @@ def spec_from_dict(data: dict) -> RunSpec:
             if not isinstance(value, list):
                 raise UserError("steps must be a list of [[steps]] tables", 'write [[steps]] then type = "prune", method = "wanda", ...')
             spec.steps = [_build_step(s, i) for i, s in enumerate(value)]
+        elif key == "study":
+            raise UserError("this preset defines a study (a [study] table), not a single run", "run it with: workbench study PRESET")
         else:
             raise UserError(f"unknown key '{key}'", f"allowed top-level keys: {', '.join(allowed)}")
     validate(spec)
@@ -241,6 +287,9 @@ def validate(spec: RunSpec) -> RunSpec:
         raise UserError(f"calibration.seqlen = {c.seqlen} must be at least 2", "leave it out to use min(2048, the model's context)")
     if c.batch_size < 1:
         raise UserError(f"calibration.batch_size = {c.batch_size} must be at least 1", "8 is a good default")
+    if c.compare is not None:
+        check_calibration_source(c.compare, "calibration.compare")
+    validate_selfgen(c.selfgen)
 
     for i, step in enumerate(spec.steps):
         step.validate(f"steps.{i}")
@@ -255,8 +304,21 @@ def validate(spec: RunSpec) -> RunSpec:
         raise UserError(f"evaluate.limit = {e.limit} must be at least 1", "leave it out to evaluate every window")
     if e.batch_size < 1:
         raise UserError(f"evaluate.batch_size = {e.batch_size} must be at least 1", "try 4")
+    validate_evaluate(e)
     _choice("export.dtype", spec.export.dtype, DTYPES)
     return spec
+
+
+def validate_evaluate(e: EvalSpec, where: str = "evaluate") -> None:
+    """The zero-shot, in-context learning and efficiency settings (names and ranges; files are read when the run starts)."""
+    from .evaluation.icl_data import check_icl_settings
+    from .evaluation.zeroshot import check_task_name
+
+    for name in e.zeroshot:
+        check_task_name(name, f"{where}.zeroshot")
+    if e.zeroshot_limit is not None and e.zeroshot_limit < 1:
+        raise UserError(f"{where}.zeroshot_limit = {e.zeroshot_limit} must be at least 1", "leave it out to evaluate the full task sets")
+    check_icl_settings(e, where)
 
 
 def validate_prune_step(step: PruneStep, where: str = "step") -> None:
@@ -297,12 +359,51 @@ def validate_prune_step(step: PruneStep, where: str = "step") -> None:
 
 
 def check_calibration_source(source: str, key: str = "calibration.source") -> None:
+    if isinstance(source, str) and source.startswith("mix:"):
+        from .calibration import parse_mixture  # no torch
+
+        for part, _ in parse_mixture(source[len("mix:"):], key):
+            check_calibration_source(part, f"{key} (in the mixture)")
+        return
+    if isinstance(source, str) and source.startswith("selfgen:"):
+        check_seed_corpus(source[len("selfgen:"):], key)
+        return
     if source in CALIBRATION_BUILTIN or any(source.startswith(p) and len(source) > len(p) for p in CALIBRATION_PREFIXES):
         return
     raise UserError(
         f"{key} = {source!r} is not a calibration source",
-        f"allowed: {', '.join(CALIBRATION_BUILTIN)}, file:PATH, hf:NAME[:CONFIG]:SPLIT[:FIELD]",
+        f"allowed: {', '.join(CALIBRATION_BUILTIN)}, file:PATH, hf:NAME[:CONFIG]:SPLIT[:FIELD], selfgen:CORPUS, mix:SOURCE=FRACTION,...",
     )
+
+
+def check_seed_corpus(corpus: str, key: str = "calibration.selfgen.corpus") -> None:
+    """Self-generated data starts from a text corpus: a bundled one, a local file or a Hub dataset."""
+    if corpus in SELFGEN_CORPORA or any(corpus.startswith(p) and len(corpus) > len(p) for p in ("file:", "hf:")):
+        return
+    raise UserError(f"{key}: {corpus!r} is not a seed corpus for selfgen",
+                    f"allowed: {', '.join(SELFGEN_CORPORA)}, file:PATH, hf:NAME[:CONFIG]:SPLIT[:FIELD]")
+
+
+def validate_selfgen(g: SelfGenSpec, where: str = "calibration.selfgen") -> None:
+    check_seed_corpus(g.corpus, f"{where}.corpus")
+    if g.prefix_tokens < 1:
+        raise UserError(f"{where}.prefix_tokens = {g.prefix_tokens} must be at least 1", "the paper uses 2 (also 8 and 64)")
+    if g.samples is not None and g.samples < 1:
+        raise UserError(f"{where}.samples = {g.samples} must be at least 1", "leave it out to generate ceil(nsamples / keep) texts")
+    if not g.temperature > 0:
+        raise UserError(f"{where}.temperature = {g.temperature} must be positive", "the paper samples at 0.6")
+    if not (0 < g.top_p <= 1):
+        raise UserError(f"{where}.top_p = {g.top_p} must be in (0, 1]", "the paper uses 0.95")
+    if g.top_k < 0:
+        raise UserError(f"{where}.top_k = {g.top_k} must be 0 (off) or more", "the paper uses 50")
+    if not g.repetition_penalty > 0:
+        raise UserError(f"{where}.repetition_penalty = {g.repetition_penalty} must be positive", "1.0 is off; the paper uses 1.2")
+    if g.max_new_tokens is not None and g.max_new_tokens < 1:
+        raise UserError(f"{where}.max_new_tokens = {g.max_new_tokens} must be at least 1", "leave it out to generate seqlen tokens")
+    if not (0 < g.keep <= 1):
+        raise UserError(f"{where}.keep = {g.keep} must be in (0, 1]", "0.8 keeps the samples below the 80th percentile of perplexity")
+    if g.batch_size < 1:
+        raise UserError(f"{where}.batch_size = {g.batch_size} must be at least 1", "try 32")
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
