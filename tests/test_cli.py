@@ -6,60 +6,42 @@ import sys
 
 import pytest
 
-from workbench.cli import main
+from cli_support import expect_bad_input, run_cli
 from workbench.history import History
 
 FAST = ["--set", "calibration.nsamples=4", "--set", "calibration.seqlen=64", "--set", "evaluate.limit=2", "--quiet"]
 
 
-def _run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _bad(capsys, *argv, words=()):
-    code, out, err = _run(capsys, *argv)
-    assert code == 2, (code, err)
-    lines = err.splitlines()
-    assert sum(line.startswith("error: ") for line in lines) == 1, err
-    assert sum(line.strip().startswith("hint: ") for line in lines) == 1, err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in err, (word, err)
-    return err
-
-
 def test_missing_model_path(capsys, tmp_path):
-    _bad(capsys, "run", "quickstart", "--model", str(tmp_path / "nowhere"), *FAST, words=["does not exist"])
+    expect_bad_input(capsys, "run", "quickstart", "--model", str(tmp_path / "nowhere"), *FAST, words=["does not exist"])
 
 
 def test_unknown_architecture(capsys, tmp_path):
     folder = tmp_path / "bloomish"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "bloom", "architectures": ["BloomForCausalLM"]}))
-    _bad(capsys, "run", "quickstart", "--model", str(folder), *FAST, words=["bloom", "llama"])
+    expect_bad_input(capsys, "run", "quickstart", "--model", str(folder), *FAST, words=["bloom", "llama"])
 
 
 @pytest.mark.parametrize("override, word", [("steps.0.sparsity=1.2", "[0, 1)"), ("steps.0.pattern=4:4", "0 < N < M"),
                                             ("calibration.source=nope", "calibration source")])
 def test_impossible_settings(capsys, override, word):
-    _bad(capsys, "run", "quickstart", "--set", override, words=[word])
+    expect_bad_input(capsys, "run", "quickstart", "--set", override, words=[word])
 
 
 def test_empty_and_binary_calibration_files(capsys, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    _bad(capsys, "run", "quickstart", "--set", f'calibration.source="file:{empty}"', *FAST, words=["empty"])
+    expect_bad_input(capsys, "run", "quickstart", "--set", f'calibration.source="file:{empty}"', *FAST, words=["empty"])
     binary = tmp_path / "blob.txt"
     binary.write_bytes(bytes(range(256)) * 40)
-    _bad(capsys, "run", "quickstart", "--set", f'calibration.source="file:{binary}"', *FAST, words=[str(binary)])
+    expect_bad_input(capsys, "run", "quickstart", "--set", f'calibration.source="file:{binary}"', *FAST, words=[str(binary)])
 
 
 def test_nsamples_larger_than_the_data_allows(capsys, tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("A short text about nothing in particular. " * 40)
-    err = _bad(capsys, "run", "quickstart", "--set", f'calibration.source="file:{small}"',
+    err = expect_bad_input(capsys, "run", "quickstart", "--set", f'calibration.source="file:{small}"',
                "--set", "calibration.nsamples=500", "--set", "calibration.seqlen=64", "--quiet")
     assert "window" in err or "samples" in err
     # the failed run is in the history, marked failed, with the events it emitted before failing
@@ -72,15 +54,15 @@ def test_nsamples_larger_than_the_data_allows(capsys, tmp_path):
 def test_malformed_toml_and_unknown_key(capsys, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[model\n")
-    _bad(capsys, "run", str(bad), words=["not valid TOML"])
-    _bad(capsys, "validate", str(bad), words=["not valid TOML"])
+    expect_bad_input(capsys, "run", str(bad), words=["not valid TOML"])
+    expect_bad_input(capsys, "validate", str(bad), words=["not valid TOML"])
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("[calibration]\nsamples = 3\n")
-    _bad(capsys, "validate", str(unknown), words=["calibration.samples", "nsamples"])
+    expect_bad_input(capsys, "validate", str(unknown), words=["calibration.samples", "nsamples"])
 
 
 def test_a_run_exits_0_prints_json_and_is_recorded(capsys):
-    code, out, err = _run(capsys, "run", "quickstart", *FAST, "--json")
+    code, out, err = run_cli(capsys, "run", "quickstart", *FAST, "--json")
     assert code == 0, err
     summary = json.loads(out)
     assert [m["phase"] for m in summary["metrics"]] == ["before", "after"]
@@ -90,11 +72,11 @@ def test_a_run_exits_0_prints_json_and_is_recorded(capsys):
         assert record.status == "finished"
         stored = {(m["dataset"], m["phase"]): m["value"] for m in h.metrics(record.id)}
     assert stored == {(m["dataset"], m["phase"]): m["value"] for m in summary["metrics"]}
-    code, out, _ = _run(capsys, "history", "--json")
+    code, out, _ = run_cli(capsys, "history", "--json")
     assert code == 0 and json.loads(out)[0]["id"] == summary["run_id"]
-    code, out, _ = _run(capsys, "show", summary["run_id"][:12], "--json")
+    code, out, _ = run_cli(capsys, "show", summary["run_id"][:12], "--json")
     assert code == 0 and json.loads(out)["summary"]["run_id"] == summary["run_id"]
-    _bad(capsys, "show", "no-such-run", words=["no run"])
+    expect_bad_input(capsys, "show", "no-such-run", words=["no run"])
 
 
 def test_the_installed_command_runs_the_quickstart_preset(tmp_path):
@@ -109,7 +91,7 @@ def test_the_installed_command_runs_the_quickstart_preset(tmp_path):
 
 
 def test_presets_lists_every_shipped_preset(capsys):
-    code, out, _ = _run(capsys, "presets")
+    code, out, _ = run_cli(capsys, "presets")
     assert code == 0
     for name in ("quickstart", "wanda-50", "sparsegpt-2of4", "owl-wanda-70"):
         assert name in out

@@ -13,30 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from workbench.cli import main
+from cli_support import expect_bad_input, run_cli
 from workbench.history import History
 
 PRESET = "lowrank-feature-bo-80"
 FAST = ["--set", "calibration.nsamples=4", "--set", "calibration.seqlen=64", "--set", "evaluate.limit=1",
         "--set", "steps.0.objective_chunks=2", "--set", "steps.0.objective_seqlen=64", "--set", 'steps.0.sampler="tpe"', "--quiet"]
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _bad(capsys, *argv, words=()):
-    code, out, err = _run(capsys, *argv)
-    assert code == 2, (code, err)
-    lines = err.splitlines()
-    assert sum(line.startswith("error: ") for line in lines) == 1, err
-    assert sum(line.strip().startswith("hint: ") for line in lines) == 1, err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in err, (word, err)
-    return err
 
 
 def _study(run_dir: Path):
@@ -56,7 +38,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_workers_share_one_journal_study(capsys):
-    code, out, err = _run(capsys, "search", PRESET, "--workers", "2", "--set", "steps.0.trials=6", *FAST, "--json")
+    code, out, err = run_cli(capsys, "search", PRESET, "--workers", "2", "--set", "steps.0.trials=6", *FAST, "--json")
     assert code == 0, err
     summary = json.loads(out)  # nothing but the summary on stdout (Optuna logs nothing there)
     with History() as history:
@@ -104,7 +86,7 @@ def test_a_killed_search_resumes_without_losing_finished_trials(capsys, tmp_path
     finished = {t.number: (t.value, t.params) for t in before.trials if t.state.name == "COMPLETE"}
     assert len(finished) >= 2
     orphans = [t.number for t in before.trials if t.state.name == "RUNNING"]
-    code, out, err = _run(capsys, "search", "--resume", runs[0].id, "--quiet", "--json")
+    code, out, err = run_cli(capsys, "search", "--resume", runs[0].id, "--quiet", "--json")
     assert code == 0, err
     after, _ = _study(run_dir)
     complete = [t for t in after.trials if t.state.name == "COMPLETE"]
@@ -126,13 +108,13 @@ def test_study_clash_with_a_different_search_space(capsys, tmp_path):
     journal = tmp_path / "shared.journal"
     study = open_study(open_storage(str(journal)), "shared", ["layer", ["layer_0", "layer_1"], 0.2, 1.0], {"x": 1}, "tpe", 0)
     study.enqueue_trial({"layer_0": 0.5, "layer_1": 0.5})
-    _bad(capsys, "search", PRESET, "--storage", str(journal), "--study", "shared", "--set", "steps.0.trials=2", *FAST,
+    expect_bad_input(capsys, "search", PRESET, "--storage", str(journal), "--study", "shared", "--set", "steps.0.trials=2", *FAST,
          words=["'shared'", "different search space", "layer_0"])
 
 
 def test_an_unreachable_storage_is_refused_before_anything_runs(capsys):
     url = f"postgresql://workbench:secret@127.0.0.1:{_free_port()}/studies"
-    err = _bad(capsys, "search", PRESET, "--storage", url, *FAST, words=["cannot reach the study storage", "127.0.0.1"])
+    err = expect_bad_input(capsys, "search", PRESET, "--storage", url, *FAST, words=["cannot reach the study storage", "127.0.0.1"])
     assert "secret" not in err  # the password is not printed
     with History() as history:
         assert history.runs() == []
@@ -140,7 +122,7 @@ def test_an_unreachable_storage_is_refused_before_anything_runs(capsys):
 
 def test_an_unreachable_storage_in_a_run_keeps_the_dense_evaluation(capsys):
     url = f"postgresql://workbench@127.0.0.1:{_free_port()}/studies"
-    _bad(capsys, "run", PRESET, "--set", f'steps.0.storage="{url}"', *FAST, words=["cannot reach the study storage"])
+    expect_bad_input(capsys, "run", PRESET, "--set", f'steps.0.storage="{url}"', *FAST, words=["cannot reach the study storage"])
     with History() as history:
         record = history.runs()[0]
         assert record.status == "failed"
@@ -149,10 +131,10 @@ def test_an_unreachable_storage_in_a_run_keeps_the_dense_evaluation(capsys):
 
 @pytest.mark.parametrize("value", ["1.5", "0", "-0.2"])
 def test_retention_outside_the_unit_interval(capsys, value):
-    _bad(capsys, "search", PRESET, "--set", f"steps.0.retention={value}", *FAST, words=["retention", "(0, 1]"])
+    expect_bad_input(capsys, "search", PRESET, "--set", f"steps.0.retention={value}", *FAST, words=["retention", "(0, 1]"])
 
 
 def test_search_needs_a_search_step_and_one_source(capsys):
-    _bad(capsys, "search", "lowrank-svd-uniform-80", *FAST, words=["allocation = \"search\""])
-    _bad(capsys, "search", *FAST, words=["--resume"])
-    _bad(capsys, "search", "--resume", "nosuchrun", words=["nosuchrun"])
+    expect_bad_input(capsys, "search", "lowrank-svd-uniform-80", *FAST, words=["allocation = \"search\""])
+    expect_bad_input(capsys, "search", *FAST, words=["--resume"])
+    expect_bad_input(capsys, "search", "--resume", "nosuchrun", words=["nosuchrun"])
