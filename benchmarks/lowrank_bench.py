@@ -88,21 +88,10 @@ def demo_rows(device, nsamples, seqlen, chunks, chunk_len, trials, sampler, batc
 
 def llama7b_rows(device, layers, shape, nsamples, seqlen, chunks, chunk_len, trials, sampler, batch_size, rows):
     """A Llama-2-7B-shaped model with random bf16 weights (made on the device, kept in CPU memory)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from common import random_llama
 
     hidden, intermediate = shape
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, vocab_size=32000,
-                         max_position_embeddings=4096)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model = model.to_empty(device="cpu").eval()
-    gen = torch.Generator(device=device).manual_seed(0)
-    for p in model.parameters():
-        p.data.copy_((torch.randn(p.shape, generator=gen, device=device, dtype=torch.bfloat16) * 0.02).cpu()
-                     if p.ndim >= 2 else torch.ones_like(p))
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)
+    model = random_llama(device, layers, hidden, intermediate)
     loaded = LoadedModel(model, None, get_adapter(model), "random-7b", device, torch.bfloat16)
     ids = torch.Generator().manual_seed(0)
     calibration = torch.randint(0, 32000, (nsamples, seqlen), generator=ids)

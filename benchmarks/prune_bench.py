@@ -128,21 +128,10 @@ def demo_rows(device, nsamples, seqlen, batch_size, rows=None, sink=None):
 
 
 def llama7b_rows(device, nsamples, seqlen, batch_size, layers=32, rows=None, sink=None, methods=None):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from common import random_llama
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model = model.to_empty(device="cpu").eval()
-    gen = torch.Generator(device=device).manual_seed(0)
-    for p in model.parameters():  # random weights made on the GPU (fast), kept in CPU memory
-        if p.ndim >= 2:
-            p.data.copy_((torch.randn(p.shape, generator=gen, device=device, dtype=torch.bfloat16) * 0.02).cpu())
-        else:
-            p.data.fill_(1.0)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)
+    model = random_llama(device, layers)
+    config = model.config
     loaded = LoadedModel(model=model, tokenizer=None, adapter=get_adapter(model), source="random-7b",
                          device=device, dtype=torch.bfloat16)
     tokens = torch.randint(0, config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))

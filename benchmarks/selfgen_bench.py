@@ -98,21 +98,10 @@ def demo_rows(nsamples, seqlen, batch_size, rows):
 
 
 def llama7b_rows(device, nsamples, seqlen, batch_size, layers, rows):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from common import random_llama
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model = model.to_empty(device=device).eval()
-    gen = torch.Generator(device=device).manual_seed(0)
-    for p in model.parameters():
-        if p.ndim >= 2:
-            p.data.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.bfloat16) * 0.02)
-        else:
-            p.data.fill_(1.0)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config, device=device)
+    model = random_llama(device, layers, keep_on=device, bos_token_id=1, eos_token_id=2)
+    config = model.config
     params = SelfGenSpec(batch_size=batch_size)
     count = math.ceil(nsamples / params.keep)
     prompts = torch.randint(3, config.vocab_size, (count, 1 + params.prefix_tokens), generator=torch.Generator().manual_seed(0))

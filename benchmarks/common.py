@@ -1,0 +1,29 @@
+"""What several benchmarks share: a Llama-2-7B-shaped model with random weights."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_llama(device, layers: int, hidden: int = 4096, intermediate: int = 11008, dtype=torch.bfloat16,
+                 keep_on: str | torch.device = "cpu", **config_kwargs):
+    """A Llama with random weights (N(0, 0.02) matrices, unit norms), made on ``device`` (fast on a GPU)
+    and kept on ``keep_on`` (the engine moves one layer at a time to the GPU)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, vocab_size=32000,
+                         max_position_embeddings=4096, **config_kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model.to_empty(device=keep_on).eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=dtype) * 0.02)
+            else:
+                p.fill_(1.0)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(keep_on)
+    return model
