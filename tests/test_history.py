@@ -35,3 +35,27 @@ def test_default_location_follows_workbench_home(tmp_path, monkeypatch):
     with History() as h:
         h.create_run("x", {}, name="x")
     assert (tmp_path / "home" / "history.sqlite").exists()
+
+
+def test_a_history_written_before_metric_errors_existed_is_migrated_in_place(tmp_path):
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE runs (id TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL, finished REAL,
+                           status TEXT NOT NULL, model TEXT, spec TEXT NOT NULL, summary TEXT, error TEXT, out_dir TEXT);
+        CREATE TABLE metrics (run_id TEXT NOT NULL, name TEXT NOT NULL, dataset TEXT NOT NULL, phase TEXT NOT NULL,
+                              value REAL, seqlen INTEGER, windows INTEGER, limit_windows INTEGER);
+        INSERT INTO runs VALUES ('old', 'a', 1.0, 2.0, 'finished', 'demo', '{}', NULL, NULL, NULL);
+        INSERT INTO metrics VALUES ('old', 'perplexity', 'wikitext2', 'after', 31.5, 512, 4, NULL);
+    """)
+    old.commit()
+    old.close()
+    with History(path) as h:
+        assert h.metrics("old") == [{"name": "perplexity", "dataset": "wikitext2", "phase": "after", "value": 31.5,
+                                     "seqlen": 512, "windows": 4, "limit": None, "stderr": None, "extra": {}}]
+        h.create_run("new", {"name": "b"})
+        h.add_event("new", Metric(name="acc", dataset="piqa", value=0.6, stderr=0.02, extra={"lm_eval": "0.4"}))
+        got = h.metrics("new")[0]
+    assert (got["stderr"], got["extra"]) == (0.02, {"lm_eval": "0.4"})
+    columns = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(metrics)")}
+    assert {"stderr", "extra"} <= columns
