@@ -27,3 +27,24 @@ def random_llama(device, layers: int, hidden: int = 4096, intermediate: int = 11
                 p.fill_(1.0)
     model.model.rotary_emb = LlamaRotaryEmbedding(config).to(keep_on)
     return model
+
+
+def _gpu(r: dict) -> str:
+    return f"{r['gpu_peak_gib']:.2f}" if r.get("gpu_peak_gib") is not None else "-"
+
+
+# the columns every benchmark ends with: the ratio to its baseline and the peak memory
+RATIO_AND_MEMORY = [
+    ("x baseline", ">10", lambda r: f"{r['ratio']:.2f}"),
+    ("CPU RSS GiB", ">12", lambda r: f"{r['cpu_rss_gib']:.2f}"),
+    ("GPU peak GiB", ">13", _gpu),
+]
+
+
+def print_table(rows: list[dict], columns: list[tuple]) -> None:
+    """Print ``rows`` under ``columns``: ``(title, format spec such as "<40" or ">9", row -> text)``."""
+    head = " ".join(f"{title:{spec}}" for title, spec, _ in columns)
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(" ".join(f"{text(r):{spec}}" for _, spec, text in columns))

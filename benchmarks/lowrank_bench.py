@@ -101,12 +101,10 @@ def llama7b_rows(device, layers, shape, nsamples, seqlen, chunks, chunk_len, tri
 
 
 def print_table(rows):
-    head = f"{'model':<64} {'what':<40} {'wall s':>9} {'x baseline':>10} {'CPU RSS GiB':>12} {'GPU peak GiB':>13}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        gpu = f"{r['gpu_peak_gib']:.2f}" if r["gpu_peak_gib"] is not None else "-"
-        print(f"{r['model']:<64} {r['what']:<40} {r['seconds']:>9.3f} {r['ratio']:>10.2f} {r['cpu_rss_gib']:>12.2f} {gpu:>13}")
+    from common import RATIO_AND_MEMORY, print_table as print_rows
+
+    print_rows(rows, [("model", "<64", lambda r: r["model"]), ("what", "<40", lambda r: r["what"]),
+                      ("wall s", ">9", lambda r: f"{r['seconds']:.3f}")] + RATIO_AND_MEMORY)
 
 
 def main():

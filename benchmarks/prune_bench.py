@@ -141,12 +141,10 @@ def llama7b_rows(device, nsamples, seqlen, batch_size, layers=32, rows=None, sin
 
 
 def print_table(rows):
-    head = f"{'model':<44} {'method':<22} {'wall s':>8} {'x baseline':>10} {'CPU RSS GiB':>12} {'GPU peak GiB':>13}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        gpu = f"{r['gpu_peak_gib']:.2f}" if r["gpu_peak_gib"] is not None else "-"
-        print(f"{r['model']:<44} {r['method']:<22} {r['seconds']:>8.2f} {r['ratio']:>10.2f} {r['cpu_rss_gib']:>12.2f} {gpu:>13}")
+    from common import RATIO_AND_MEMORY, print_table as print_rows
+
+    print_rows(rows, [("model", "<44", lambda r: r["model"]), ("method", "<22", lambda r: r["method"]),
+                      ("wall s", ">8", lambda r: f"{r['seconds']:.2f}")] + RATIO_AND_MEMORY)
 
 
 def main():

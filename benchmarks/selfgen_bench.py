@@ -114,13 +114,13 @@ def llama7b_rows(device, nsamples, seqlen, batch_size, layers, rows):
 
 
 def print_table(rows):
-    head = f"{'model':<40} {'what':<44} {'wall s':>8} {'tokens/s':>9} {'x baseline':>10} {'CPU RSS GiB':>12} {'GPU peak GiB':>13}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        gpu = f"{r['gpu_peak_gib']:.2f}" if r["gpu_peak_gib"] is not None else "-"
-        rate = r["tokens"] / r["seconds"] if r["seconds"] else float("nan")
-        print(f"{r['model']:<40} {r['what']:<44} {r['seconds']:>8.2f} {rate:>9,.0f} {r['ratio']:>10.2f} {r['cpu_rss_gib']:>12.2f} {gpu:>13}")
+    from common import RATIO_AND_MEMORY, print_table as print_rows
+
+    def rate(r):
+        return f"{r['tokens'] / r['seconds'] if r['seconds'] else float('nan'):,.0f}"
+
+    print_rows(rows, [("model", "<40", lambda r: r["model"]), ("what", "<44", lambda r: r["what"]),
+                      ("wall s", ">8", lambda r: f"{r['seconds']:.2f}"), ("tokens/s", ">9", rate)] + RATIO_AND_MEMORY)
 
 
 def main():
