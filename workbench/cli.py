@@ -75,6 +75,7 @@ COMMAND_MODULES = (
     "workbench.lowrank.cli",
     "workbench.study",
     "workbench.evaluation.cli",
+    "workbench.screens.cli",
 )
 
 
@@ -303,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return EXIT_OK
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            parser.print_help()
+            return EXIT_OK
+        args = parser.parse_args(["ui"])  # no arguments in a terminal: open the workbench
     try:
         return COMMANDS[args.command](args)
     except WorkbenchError as exc:

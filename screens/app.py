@@ -1,0 +1,247 @@
+"""The Textual app: ``workbench`` with no arguments opens it.
+
+A thin shell: it holds the setup being edited (``Session``), the workers'
+link (``WorkerBridge``) and what they reported (``UIState``); screens, one
+module each, render that state. Worker updates change plain data as they
+arrive; a repaint is scheduled at most every ``REPAINT`` seconds and
+published on ``changed`` to the shown screen, which is how a flood of
+progress events stays cheap. The UI process never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from textual.app import App
+from textual.binding import Binding
+from textual.signal import Signal
+
+from workbench.errors import UserError, WorkbenchError
+
+from .bridge import WorkerBridge
+from .commands import WorkbenchCommands
+from .config import Config, load_config
+from .session import SCREEN_ORDER, Backend, Session
+from .state import JobState, UIState
+from .widgets import SCREENS, ConfirmModal, MessageModal
+
+REPAINT = 0.05  # seconds: the most often the shown screen repaints from new worker data
+
+# mode -> "module:class", imported when first shown so the first paint stays fast
+SCREEN_CLASSES = {
+    "model": "workbench.screens.model:ModelScreen",
+    "calibration": "workbench.screens.calibration:CalibrationScreen",
+    "compression": "workbench.screens.compression:CompressionScreen",
+    "run": "workbench.screens.run:RunScreen",
+    "evaluate": "workbench.screens.evaluate:EvaluateScreen",
+    "history": "workbench.screens.history:HistoryScreen",
+    "presets": "workbench.screens.presets:PresetsScreen",
+}
+
+
+def _factory(path: str):
+    def make():
+        module, _, name = path.partition(":")
+        return getattr(importlib.import_module(module), name)()
+
+    return make
+
+
+class WorkbenchApp(App):
+    TITLE = "workbench"
+    CSS_PATH = "workbench.tcss"
+    MODES = {name: _factory(path) for name, path in SCREEN_CLASSES.items()}
+    COMMANDS = App.COMMANDS | {WorkbenchCommands}
+    BINDINGS = [
+        *(Binding(key, f"switch('{name}')", title, show=False, id=f"screen.{name}") for name, title, key in SCREENS),
+        Binding("ctrl+r", "run", "Run", priority=True, id="run.start"),
+        Binding("ctrl+n", "guide_next", "Next", show=False, priority=True, id="guide.next"),
+        Binding("ctrl+b", "guide_back", "Back", show=False, priority=True, id="guide.back"),
+        Binding("escape", "unfocus", "Leave field", show=False, id="app.unfocus"),
+    ]
+
+    def __init__(self, session: Session | None = None, *, preset: str = "quickstart", backend: Backend | None = None,
+                 start_screen: str = "run",
+                 history_path: str | None = None, client_options: dict | None = None, config: Config | None = None,
+                 start_worker: bool = True):
+        super().__init__()
+        self.config = config or load_config()
+        self.session = session or Session(preset, backend or self.config.backend)
+        self.state = UIState()
+        self.history_path = history_path
+        self.bridge = WorkerBridge(self.state, self.session.backend, history_path=history_path,
+                                   on_change=self.schedule_repaint, client_options=client_options)
+        self.changed: Signal[set[str]] = Signal(self, "changed")
+        self.start_screen, self.start_worker = start_screen, start_worker
+        self._repaint_pending = False
+        self._session_revision = self.session.revision
+        self.first_paint: float | None = None  # perf_counter() of the first screen's first refresh
+
+    # ---------------------------------------------------------------- lifecycle
+    def on_mount(self) -> None:
+        if self.config.keymap:
+            self.set_keymap(self.config.keymap)
+        self.switch_mode(self.start_screen)
+        self.call_after_refresh(self._painted)
+        if self.config.problem:
+            self.show_error(*self.config.problem, title="Settings")
+        if self.start_worker:
+            self.run_worker(self._start_workers(), group="workers", exit_on_error=False)
+
+    def _painted(self) -> None:
+        import time
+
+        self.first_paint = time.perf_counter()
+        mark = os.environ.get("WORKBENCH_FIRST_PAINT_FILE")  # for the start-up benchmark
+        if mark:
+            with open(mark, "w") as f:
+                f.write(f"{time.time()}\n")
+
+    async def _start_workers(self) -> None:
+        try:
+            await self.bridge.start()
+        except WorkbenchError as exc:
+            self.show_error(exc.message, exc.hint, title="The worker could not start")
+
+    async def on_unmount(self) -> None:
+        await self.bridge.close()
+
+    # ---------------------------------------------------------------- state -> screens
+    def schedule_repaint(self) -> None:
+        if not self._repaint_pending:
+            self._repaint_pending = True
+            self.set_timer(REPAINT, self._repaint)
+
+    def session_changed(self) -> None:
+        """A screen changed the setup: others re-read it when they show."""
+        self.session.touch()
+        self.state.changed.add("session")
+        self.schedule_repaint()
+
+    def _repaint(self) -> None:
+        self._repaint_pending = False
+        changes = self.state.take_changes()
+        for severity, message, hint in self.state.notices:
+            self.notify(f"{message}\n{hint}" if hint else message, severity=severity, timeout=8)
+        self.state.notices.clear()
+        if changes:
+            self.changed.publish(changes)
+
+    # ---------------------------------------------------------------- helpers for screens
+    def key_for(self, binding_id: str, default: str) -> str:
+        """The key bound to ``binding_id`` (after the user's keymap), for on-screen hints."""
+        keys = self._keymap.get(binding_id) if hasattr(self, "_keymap") else None
+        return (keys or default).split(",")[0]
+
+    def show_error(self, message: str, hint: str | None = None, title: str = "Something went wrong") -> None:
+        self.push_screen(MessageModal(title, message, hint))
+
+    def show_exception(self, exc: BaseException, title: str = "Something went wrong") -> None:
+        if isinstance(exc, WorkbenchError):
+            self.show_error(exc.message, exc.hint, title)
+        else:
+            self.show_error(f"{type(exc).__name__}: {exc}", "this is a bug; the details are in the worker's log", title)
+
+    async def submit(self, kind: str, spec: dict | None = None, title: str = "") -> JobState | None:
+        """Queue a job on the workers; on failure show why and return None."""
+        try:
+            return await self.bridge.submit(kind, spec=spec, title=title)
+        except WorkbenchError as exc:
+            self.show_exception(exc, "The job could not start")
+            return None
+
+    # ---------------------------------------------------------------- actions
+    def action_switch(self, name: str) -> None:
+        self.switch_mode(name)
+
+    def action_unfocus(self) -> None:
+        self.screen.set_focus(None)
+
+    async def action_run(self) -> None:
+        """Run the current setup (after validating it) and show its progress."""
+        try:
+            spec = self.session.spec()
+        except UserError as exc:
+            self.show_error(exc.message, exc.hint, "The setup is not valid yet")
+            return
+        if self.bridge.busy():
+            running = next(j for j in self.state.jobs.values() if j.active)
+            self.notify(f"queued behind {running.title}; it starts when the worker is free", timeout=5)
+        job = await self.submit("run", spec.to_dict(), title=spec.name or self.session.preset or "run")
+        if job is not None:
+            self.switch_mode("run")
+
+    async def action_cancel(self) -> None:
+        """Cancel the running job, after confirmation."""
+        job = next((j for j in sorted(self.state.jobs.values(), key=lambda j: j.submitted) if j.active), None)
+        if job is None:
+            self.notify("nothing is running", timeout=3)
+            return
+
+        async def answer(yes: bool | None) -> None:
+            if yes:
+                await self.bridge.cancel(job.id)
+
+        self.push_screen(ConfirmModal(f"Cancel {job.title}? The events so far stay in the history.", "Cancel it", "Keep running"),
+                         answer)
+
+    def action_guide_next(self) -> None:
+        self._guide_move(+1)
+
+    def action_guide_back(self) -> None:
+        self._guide_move(-1)
+
+    def _guide_move(self, offset: int) -> None:
+        guide = self.session.guide
+        if guide is None:
+            return
+        guide.position = max(0, min(len(SCREEN_ORDER) - 1, guide.position + offset))
+        self.switch_mode(guide.screen)
+
+    def open_compare(self) -> None:
+        """Show History and compare the runs selected there."""
+        self.switch_mode("history")
+        self.call_after_refresh(lambda: getattr(self.screen, "action_compare", lambda: None)())
+
+    def save_preset(self) -> None:
+        """Ask for a file name and save the current setup there as a preset."""
+        from .widgets import PromptModal
+
+        problem = self.session.problem()
+        if problem is not None:
+            self.show_error(problem.message, problem.hint, "The setup is not valid yet")
+            return
+
+        def save(path: str | None) -> None:
+            if not path:
+                return
+            try:
+                written = self.session.save_preset(path)
+            except WorkbenchError as exc:
+                self.show_exception(exc, "The preset was not saved")
+            except OSError as exc:
+                self.show_error(f"cannot write {path}: {exc}", "pick a folder you can write to", "The preset was not saved")
+            else:
+                self.notify(f"saved {written}; run it headless with: workbench run {written}", timeout=8)
+
+        default = f"{self.session.data.get('name') or self.session.preset or 'setup'}.toml"
+        self.push_screen(PromptModal("Save the setup as a preset file:", default), save)
+
+    def open_preset(self, name: str, guided: bool = True) -> bool:
+        """Load a preset into the setup (a guided walk through the screens when ``guided``)."""
+        try:
+            self.session.load_preset(name, guided=guided)
+        except WorkbenchError as exc:
+            self.show_exception(exc, f"The preset {name} could not be opened")
+            return False
+        self.session_changed()
+        if guided:
+            self.switch_mode(SCREEN_ORDER[0])
+        return True
+
+
+def main(backend: Backend | None = None, preset: str = "quickstart") -> int:
+    """Open the app (UserError when the preset cannot be read)."""
+    WorkbenchApp(preset=preset, backend=backend).run()
+    return 0

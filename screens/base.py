@@ -1,0 +1,76 @@
+"""The frame every workbench screen shares: screen bar, guide banner, body, worker line, footer.
+
+A screen subclasses ``WorkbenchScreen``, sets ``NAME`` (its mode) and
+implements ``compose_body``. It repaints from the app's state in
+``on_state(changes)`` (``changes``: the job ids that changed, and
+``"workers"``), which the app calls at most a few dozen times a second and
+only while the screen is shown, and re-reads the session in ``on_session``
+when the setup changed elsewhere (another screen, a preset).
+"""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from .widgets import GuideBanner, ScreenBar, WorkerLine
+
+
+class WorkbenchScreen(Screen):
+    NAME = ""
+    TITLE = ""
+
+    def __init__(self):
+        super().__init__(id=f"screen-{self.NAME}")
+        self._seen_revision = -1
+
+    # ------------------------------------------------------------ to override
+    def compose_body(self) -> ComposeResult:
+        yield from ()
+
+    def on_state(self, changes: set[str]) -> None:
+        """Repaint from ``self.app.state`` after these changes."""
+
+    def on_session(self) -> None:
+        """Re-read ``self.app.session`` (called when the screen shows and the setup changed since)."""
+
+    # ------------------------------------------------------------ frame
+    def compose(self) -> ComposeResult:
+        yield ScreenBar(self.NAME, id="screen-bar")
+        yield GuideBanner(id="guide")
+        yield from self.compose_body()
+        yield WorkerLine(id="worker-line")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.app.changed.subscribe(self, self._changed)
+        self._show_guide()
+        self.query_one(WorkerLine).show(self.app.state.workers)
+
+    def on_screen_resume(self) -> None:
+        self._show_guide()
+        self.query_one(WorkerLine).show(self.app.state.workers)
+        if self._seen_revision != self.app.session.revision:
+            self._seen_revision = self.app.session.revision
+            self.on_session()
+        self.on_state(set(self.app.state.jobs) | {"workers"})
+
+    def _changed(self, changes: set[str]) -> None:
+        if not self.is_current:
+            return
+        if "workers" in changes:
+            self.query_one(WorkerLine).show(self.app.state.workers)
+        if "session" in changes and self._seen_revision != self.app.session.revision:
+            self._seen_revision = self.app.session.revision
+            self.on_session()
+        self.on_state(changes)
+
+    def _show_guide(self) -> None:
+        banner = self.query_one(GuideBanner)
+        guide = self.app.session.guide
+        banner.display = guide is not None
+        if guide is not None:
+            nxt = self.app.key_for("guide.next", "ctrl+n")
+            banner.update(f"[b]{guide.preset}[/] · {self.TITLE}: {guide.note(self.NAME)}\n"
+                          f"[dim]{guide.reference}[/]  [b]{nxt}[/] next")

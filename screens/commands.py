@@ -1,0 +1,38 @@
+"""The command palette's workbench commands: open a preset, run, cancel, compare, switch screen, save."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+from .widgets import SCREENS
+
+
+class WorkbenchCommands(Provider):
+    def commands(self) -> list[tuple[str, object, str]]:
+        """(title, callback, help) of every command the palette offers now."""
+        from .session import run_presets
+
+        app = self.app
+        found: list[tuple[str, object, str]] = [
+            ("Run the current setup", app.action_run, "validate the setup and start it on the worker"),
+            ("Cancel the running job", app.action_cancel, "stops at the next layer boundary; events so far are kept"),
+            ("Compare runs", partial(app.open_compare), "History: the selected runs side by side"),
+            ("Save the setup as a preset", partial(app.save_preset), "write a TOML file that 'workbench run' takes"),
+        ]
+        found += [(f"Screen: {title}", partial(app.action_switch, name), f"key {key}") for name, title, key in SCREENS]
+        found += [(f"Open preset: {name}", partial(app.open_preset, name), "a guided session with its values")
+                  for name, _ in run_presets()]
+        return found
+
+    async def discover(self) -> Hits:
+        for title, callback, help_text in self.commands():
+            yield DiscoveryHit(title, callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for title, callback, help_text in self.commands():
+            score = matcher.match(title)
+            if score > 0:
+                yield Hit(score, matcher.highlight(title), callback, help=help_text)

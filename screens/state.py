@@ -1,0 +1,266 @@
+"""What the UI knows about its workers and their jobs: plain data, folded from worker updates.
+
+The bridge applies every ``Update`` here as it arrives (cheap: no widgets are
+touched), and the screens render from this state at most a few dozen times a
+second, so a worker streaming thousands of events per second cannot drown the
+UI. No Textual and no torch in this module; it is tested on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVE = ("queued", "running")
+
+
+@dataclass
+class StageState:
+    name: str
+    title: str = ""
+    total: int | None = None
+    done: int = 0
+    detail: str = ""
+    started: float = 0.0
+    seconds: float | None = None  # set when the stage finished
+
+    @property
+    def finished(self) -> bool:
+        return self.seconds is not None
+
+    def rate(self, now: float) -> float | None:
+        """Units per second so far, once a unit is done."""
+        elapsed = now - self.started
+        return self.done / elapsed if self.done and elapsed > 0 else None
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left in this stage at its rate so far; None when unknown."""
+        rate = self.rate(now)
+        if self.finished:
+            return 0.0
+        if rate is None or self.total is None:
+            return None
+        return max(0.0, (self.total - self.done) / rate)
+
+
+@dataclass
+class JobState:
+    """One job (run, evaluate or inspect) on a worker, as the UI sees it."""
+
+    id: str
+    kind: str
+    title: str = ""
+    spec: dict = field(default_factory=dict)
+    run_id: str | None = None
+    worker: str = ""
+    status: str = "queued"  # queued, running, finished, failed, cancelled
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    ended: float | None = None
+    stages: dict[str, StageState] = field(default_factory=dict)
+    current: str | None = None
+    layers: dict[str, list[dict]] = field(default_factory=dict)  # stage -> LayerDone dicts, by layer index
+    trials: dict[str, list[dict]] = field(default_factory=dict)  # stage -> Trial dicts
+    metrics: list[dict] = field(default_factory=list)
+    logs: deque = field(default_factory=lambda: deque(maxlen=2000))  # (level, message)
+    result: dict | None = None
+    error: dict | None = None
+    events: int = 0
+    cancel_requested: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def expected_stages(self) -> list[str]:
+        """The stages a run of this spec goes through, in order (for overall progress)."""
+        if self.kind == "inspect":
+            return ["load"]
+        steps = self.spec.get("steps") or []
+        evaluate = self.spec.get("evaluate") or {}
+        names = ["load"]
+        if steps:
+            names.append("calibrate")
+        if evaluate.get("before", True) or not steps:
+            names.append("evaluate:before")
+        names += [f"{s.get('type', 'prune')}:{i}" for i, s in enumerate(steps)]
+        if steps:
+            names.append("evaluate:after")
+        return names
+
+    def progress(self) -> float:
+        """Overall fraction done: finished stages count 1, the current one its share."""
+        if self.status == "finished":
+            return 1.0
+        names = self.expected_stages
+        for name in self.stages:
+            if name not in names:
+                names.append(name)
+        total = 0.0
+        for name in names:
+            stage = self.stages.get(name)
+            if stage is None:
+                continue
+            if stage.finished:
+                total += 1
+            elif stage.total:
+                total += min(1.0, stage.done / stage.total)
+        return min(1.0, total / max(1, len(names)))
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left: the time so far scaled by the fraction left (None before any progress)."""
+        if not self.active or self.started is None:
+            return None if self.active else 0.0
+        now = now or time.time()
+        done = self.progress()
+        if done <= 0.0:
+            return None
+        return (now - self.started) * (1 - done) / done
+
+    def layer_values(self, stage: str | None = None) -> tuple[str | None, list[float | None], int | None, float | None]:
+        """(stage, per-layer achieved sparsity, layer count, target) of the latest stage with layers."""
+        stage = stage or next(reversed(self.layers), None)
+        if stage is None:
+            return None, [], None, None
+        rows = self.layers[stage]
+        total = max((r.get("total") or 0 for r in rows), default=0) or None
+        values: list[float | None] = [None] * (total or (max(r["layer"] for r in rows) + 1 if rows else 0))
+        for r in rows:
+            if r["layer"] < len(values):
+                values[r["layer"]] = r.get("sparsity")
+        target = rows[-1].get("target") if rows else None
+        return stage, values, total, target
+
+    def metric_value(self, dataset: str, phase: str, name: str = "perplexity") -> float | None:
+        for m in reversed(self.metrics):
+            if m.get("name") == name and m.get("dataset") == dataset and m.get("phase") == phase:
+                return m.get("value")
+        return None
+
+
+@dataclass
+class WorkerState:
+    name: str
+    status: str = "starting"  # starting, ready, dead
+    hello: dict | None = None
+    devices: list[dict] = field(default_factory=list)
+    message: str = ""  # why it is dead, or the last notable thing
+    stderr: deque = field(default_factory=lambda: deque(maxlen=200))
+
+
+class UIState:
+    """Every worker and job the UI has seen, updated by ``apply``; ``changed`` says what to repaint."""
+
+    def __init__(self):
+        self.workers: dict[str, WorkerState] = {}
+        self.jobs: dict[str, JobState] = {}
+        self.changed: set[str] = set()  # job ids and "workers" since the last flush
+        self.notices: list[tuple[str, str, str | None]] = []  # (severity, message, hint) to show once
+
+    def add_job(self, job: JobState) -> JobState:
+        self.jobs[job.id] = job
+        self.changed.add(job.id)
+        return job
+
+    def latest(self, kind: str | None = None) -> JobState | None:
+        jobs = [j for j in self.jobs.values() if kind is None or j.kind == kind]
+        return max(jobs, key=lambda j: j.submitted) if jobs else None
+
+    def worker(self, name: str) -> WorkerState:
+        if name not in self.workers:
+            self.workers[name] = WorkerState(name)
+        return self.workers[name]
+
+    def take_changes(self) -> set[str]:
+        changed, self.changed = self.changed, set()
+        return changed
+
+    def apply(self, update: Any) -> None:
+        """Fold one ``workbench.backends.client.Update`` into the state."""
+        kind = update.kind
+        if kind in ("hello", "died", "hung", "memory", "stderr", "protocol"):
+            self._apply_worker(update)
+            return
+        job = self.jobs.get(update.job) if update.job else None
+        if job is None:
+            return
+        self.changed.add(job.id)
+        now = time.time()
+        if kind == "accepted":
+            job.worker = update.worker
+        elif kind == "started":
+            job.status, job.started, job.worker = "running", now, update.worker
+        elif kind == "event" and update.event is not None:
+            job.events += 1
+            self._apply_event(job, update.event.to_dict(), now)
+        elif kind == "result":
+            job.status, job.ended = "finished", now
+            job.result = update.data.get("result") or {}
+            seen = {(m.get("name"), m.get("dataset"), m.get("phase")) for m in job.metrics}
+            for m in job.result.get("metrics") or []:  # an evaluation whose events were missed
+                if (m.get("name"), m.get("dataset"), m.get("phase")) not in seen:
+                    job.metrics.append(m)
+        elif kind == "error":
+            data = update.data
+            job.error = {"kind": data.get("kind"), "message": data.get("message"), "hint": data.get("hint"),
+                         "details": data.get("traceback") or "\n".join(data.get("stderr") or [])}
+            job.status = "cancelled" if data.get("kind") == "cancelled" else "failed"
+            job.ended = now
+            job.logs.append(("error", f"{data.get('message')}" + (f" ({data.get('hint')})" if data.get("hint") else "")))
+
+    def _apply_event(self, job: JobState, e: dict, now: float) -> None:
+        kind = e["type"]
+        if kind == "stage_started":
+            job.stages[e["stage"]] = StageState(e["stage"], e.get("title", ""), e.get("total"), started=now)
+            job.current = e["stage"]
+        elif kind == "progress":
+            stage = job.stages.setdefault(e["stage"], StageState(e["stage"], started=now))
+            stage.done, stage.detail = e.get("done", 0), e.get("detail", "")
+            if e.get("total") is not None:
+                stage.total = e["total"]
+        elif kind == "stage_finished":
+            stage = job.stages.setdefault(e["stage"], StageState(e["stage"], started=now))
+            stage.seconds = e.get("seconds", 0.0)
+            if stage.total:
+                stage.done = stage.total
+        elif kind == "layer_done":
+            rows = job.layers.setdefault(e["stage"], [])
+            rows[:] = [r for r in rows if r["layer"] != e["layer"]] + [e]
+            stage = job.stages.get(e["stage"])
+            if stage is not None:
+                stage.done = max(stage.done, e["layer"] + 1)
+                stage.total = stage.total or e.get("total")
+        elif kind == "trial":
+            job.trials.setdefault(e.get("stage") or "search", []).append(e)
+        elif kind == "metric":
+            job.metrics.append({k: e.get(k) for k in ("name", "dataset", "value", "phase", "seqlen", "windows", "stderr", "extra")})
+        elif kind == "log":
+            job.logs.append((e.get("level", "info"), e.get("message", "")))
+        elif kind == "warning":
+            job.logs.append(("warning", e.get("message", "")))
+        elif kind == "run_started":
+            job.run_id = e.get("run_id") or job.run_id
+        elif kind == "run_failed":
+            job.logs.append(("error", e.get("message", "")))
+
+    def _apply_worker(self, update: Any) -> None:
+        w = self.worker(update.worker)
+        self.changed.add("workers")
+        data = update.data or {}
+        if update.kind == "hello":
+            w.status, w.hello, w.devices, w.message = "ready", data, list(data.get("devices") or []), ""
+        elif update.kind == "memory":
+            w.devices = list(data.get("devices") or w.devices)
+        elif update.kind in ("died", "hung"):
+            w.status = "dead"
+            reason = data.get("reason") or ("stopped answering" if update.kind == "hung" else "ended")
+            w.message = f"the worker {reason}"
+            self.notices.append(("error", f"worker {update.worker}: {w.message}",
+                                 "a fresh worker starts for the next job; the run's events so far are in History"))
+        elif update.kind == "stderr":
+            w.stderr.append(data.get("line", ""))
+        elif update.kind == "protocol":
+            w.stderr.append(f"protocol: {data.get('message', '')}")
