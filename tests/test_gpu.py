@@ -61,8 +61,11 @@ def test_peak_gpu_memory_stays_near_one_layer(method):
     from workbench.pruner import Pruner
     from workbench.spec import PruneStep
 
-    # layers large enough that the CUDA libraries' fixed workspaces (tens of MB) do not dominate
-    loaded = _deep_llama(12, hidden=1024, intermediate=4096)
+    # Layers large enough that the CUDA libraries' fixed workspaces (tens of MB) do not dominate, and deep
+    # enough that the whole model dwarfs what one layer needs: the layer, the activations, and the
+    # statistics (SparseGPT's Hessians, in_features squared per linear, with working copies for down_proj:
+    # about 7 layers' worth at these shapes). The peak does not grow with depth; the model does.
+    loaded = _deep_llama(24, hidden=1024, intermediate=4096)
     model_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     tokens = torch.randint(0, 1000, (16, 128), generator=torch.Generator().manual_seed(0))
     torch.cuda.empty_cache()
