@@ -1,16 +1,347 @@
-"""The Run screen (placeholder until its module is written)."""
+"""The Run screen: the latest run's progress, per-layer results, search trials, log, memory, and outcome.
+
+With no run yet it shows the setup that ctrl+r would run (or what is wrong
+with it). A repaint does only the new work: table rows and log lines added
+since the last one, charts redrawn when their input changed, so a flood of
+events stays cheap. Everything shown derives from ``app.state``.
+"""
 
 from __future__ import annotations
 
+import time
+
+from rich.markup import escape
+from rich.text import Text
 from textual.app import ComposeResult
-from textual.widgets import Static
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import ContentSwitcher, DataTable, ProgressBar, RichLog, Static
 
 from .base import WorkbenchScreen
+from .charts import LayerChart, TrialChart
+from .state import JobState, WorkerState
+from .widgets import human_bytes, human_seconds
+
+STATUS_STYLE = {"queued": "yellow", "running": "green", "finished": "green", "failed": "red", "cancelled": "yellow"}
+LOG_STYLE = {"stage": "bold", "warning": "yellow", "error": "bold red", "debug": "dim"}
+# what went wrong, in a few words, by the error kind the worker or client reported
+FAILURE = {"worker_died": "the worker died", "worker_hung": "the worker stopped answering",
+           "out_of_memory": "out of memory", "bad_input": "the setup was rejected"}
+
+
+def is_lowrank(stage: str | None) -> bool:
+    return bool(stage) and stage.startswith("lowrank")
+
+
+def planned_trials(job: JobState, stage: str) -> int | None:
+    """The ``trials`` of the spec step a search stage (``lowrank:I...``) belongs to."""
+    steps = job.spec.get("steps") or []
+    parts = stage.split(":")
+    index = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+    if index is not None and index < len(steps):
+        return steps[index].get("trials")
+    return next((s.get("trials") for s in steps if s.get("allocation") == "search"), None)
+
+
+def metric_lines(metrics: list[dict]) -> list[str]:
+    """One line per (metric, dataset): ``wikitext2 perplexity 30.00 → 60.00``; accuracies with their stderr."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for m in metrics:
+        groups.setdefault((m.get("name"), m.get("dataset")), {})[m.get("phase") or "after"] = m
+    lines = []
+    for (name, dataset), phases in groups.items():
+        shown = [fmt_metric(phases[p]) for p in ("before", "after") if p in phases]
+        lines.append(f"{dataset} {name} " + " → ".join(shown))
+    return lines
+
+
+def fmt_metric(m: dict) -> str:
+    value = m.get("value")
+    if value is None:
+        return "?"
+    text = f"{value:.2f}" if m.get("name") == "perplexity" else f"{value:.4f}"
+    return text + (f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else "")
+
+
+def memory_text(worker: WorkerState | None) -> str:
+    """The worker's GPUs and host: used / total, from its latest memory report."""
+    if worker is None or not worker.devices:
+        return "memory: no report from the worker yet"
+    parts = []
+    for d in worker.devices:
+        total, free = d.get("total"), d.get("free")
+        used = total - free if total is not None and free is not None else None
+        name = "host" if d.get("kind") == "cpu" else d.get("name", "GPU")
+        parts.append(f"{name} {human_bytes(used)} / {human_bytes(total)}")
+    gpus = [p for p, d in zip(parts, worker.devices) if d.get("kind") == "cuda"]
+    host = [p for p, d in zip(parts, worker.devices) if d.get("kind") == "cpu"]
+    return "memory used: " + " · ".join(gpus + host)
 
 
 class RunScreen(WorkbenchScreen):
     NAME = "run"
     TITLE = "Run"
+    CSS_PATH = "run.tcss"
+    BINDINGS = [
+        Binding("c", "cancel_run", "Cancel", id="run.cancel"),
+        Binding("v", "toggle_view", "Trials/layers", id="run.view"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self._job_id: str | None = None
+        self._forget()
+
+    def _forget(self) -> None:
+        """What was drawn of the shown run, so a repaint adds only what is new."""
+        self._status: str | None = None
+        self._log_seen, self._table_stage, self._table_rows = 0, None, 0
+        self._chart_key, self._trial_count, self._best_number = None, -1, None
+        self._view: str | None = None  # None: follow the run (trials while it searches), else the user's choice
 
     def compose_body(self) -> ComposeResult:
-        yield Static("Run", id="body")
+        yield Static(id="run-ready")
+        with Vertical(id="run-live"):
+            yield Static(id="run-title")
+            with Horizontal(id="overall-row", classes="bar-row"):
+                yield Static("overall", classes="bar-label")
+                yield ProgressBar(total=100, show_eta=False, id="overall-bar")
+                yield Static(id="overall-eta", classes="bar-eta")
+            with Horizontal(id="stage-row", classes="bar-row"):
+                yield Static(id="stage-label", classes="bar-label")
+                yield ProgressBar(total=1, show_eta=False, id="stage-bar")
+                yield Static(id="stage-eta", classes="bar-eta")
+            yield Static(id="run-memory")
+            yield Static(id="run-final")
+            with Horizontal(id="run-panes"):
+                with ContentSwitcher(initial="layer-chart", id="run-charts"):
+                    yield LayerChart(id="layer-chart")
+                    with Vertical(id="trial-pane"):
+                        yield Static(id="trial-summary")
+                        yield TrialChart(id="trial-chart")
+                with Vertical(id="run-right"):
+                    with ContentSwitcher(initial="layer-table", id="run-tables"):
+                        yield DataTable(id="layer-table", cursor_type="row", zebra_stripes=True)
+                        yield DataTable(id="best-table", cursor_type="row")
+                    yield RichLog(id="run-log", wrap=True, markup=False, max_lines=2000, min_width=20)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.query_one("#best-table", DataTable).add_columns("parameter", "best")
+        self.set_interval(1.0, self._tick)  # ETAs move while a long unit of work sends nothing
+        self._show_ready()
+
+    # ------------------------------------------------------------ repaint
+    def on_session(self) -> None:
+        if self._job_id is None:
+            self._show_ready()
+
+    def shown_job(self) -> JobState | None:
+        """The run being worked on, else the latest run (a run queued behind another waits its turn to show)."""
+        state = self.app.state
+        running = [j for j in state.jobs.values() if j.kind == "run" and j.status == "running"]
+        return max(running, key=lambda j: j.submitted) if running else state.latest("run")
+
+    def on_state(self, changes: set[str]) -> None:
+        job = self.shown_job()
+        if job is None:
+            self._show_ready()
+            return
+        if job.id != self._job_id:
+            self._start(job)
+        elif job.id not in changes and "workers" not in changes:
+            return
+        self._paint_header(job)
+        self._paint_layers(job)
+        self._paint_trials(job)
+        self._paint_log(job)
+        if job.status != self._status:
+            self._status = job.status
+            self._paint_final(job)
+            self.refresh_bindings()
+
+    def _tick(self) -> None:
+        job = self.app.state.jobs.get(self._job_id or "")
+        if self.is_current and job is not None and job.active:
+            self._paint_header(job)
+
+    def _show_ready(self) -> None:
+        self.query_one("#run-live").display = False
+        ready = self.query_one("#run-ready", Static)
+        ready.display = True
+        key = self.app.key_for("run.start", "ctrl+r")
+        problem = self.app.session.problem()
+        if problem is not None:
+            ready.update(f"[b]No run yet.[/] The setup is not valid yet: {escape(problem.message)}\n"
+                         + (f"What to do: {escape(problem.hint)}\n" if problem.hint else "")
+                         + "Fix it on the Model, Calibration or Compression screen.")
+        else:
+            ready.update(f"[b]Ready to run[/]\n{escape(self.app.session.spec().summary())}\n\n"
+                         f"Press [b]{escape(key)}[/] to run it.")
+
+    def _start(self, job: JobState) -> None:
+        """A new run: empty every pane and forget what was drawn for the previous one."""
+        self._job_id = job.id
+        self._forget()
+        self.query_one("#run-ready").display = False
+        self.query_one("#run-live").display = True
+        self.query_one("#layer-table", DataTable).clear(columns=True)
+        self.query_one("#best-table", DataTable).clear()
+        self.query_one("#run-log", RichLog).clear()
+        self.query_one("#trial-summary", Static).update("")
+        self.query_one(LayerChart).update_layers([])
+        self.query_one(TrialChart).update_trials([])
+        self._switch_view(job)
+
+    def _paint_header(self, job: JobState) -> None:
+        now = time.time()
+        status = job.status
+        if job.active and job.cancel_requested:
+            status = "cancelling"
+        elif status == "queued":
+            status = "queued: waiting for the worker"
+        color = STATUS_STYLE.get(job.status, "white")
+        run = f" · run {job.run_id}" if job.run_id else ""
+        self.query_one("#run-title", Static).update(f"[b]{escape(job.title)}[/] · [{color} b]{status}[/]{escape(run)}")
+        done = job.progress()
+        self.query_one("#overall-bar", ProgressBar).update(progress=100 * done)
+        if job.active:
+            eta = f"ETA {human_seconds(job.eta(now))}"
+        else:
+            eta = f"took {human_seconds(job.ended - job.started)}" if job.started and job.ended else ""
+        self.query_one("#overall-eta", Static).update(eta)
+        stage = job.stages.get(job.current or "")
+        row = self.query_one("#stage-row")
+        row.display = job.active and stage is not None
+        if row.display:
+            total = stage.total or 1
+            units = min(stage.done, total) if stage.total else int(stage.finished)  # no total: empty until it ends
+            self.query_one("#stage-label", Static).update(escape(stage.title or stage.name))
+            self.query_one("#stage-bar", ProgressBar).update(total=total, progress=units)
+            count = f"{stage.done}/{stage.total} " if stage.total else ""
+            detail = f"{stage.detail} " if stage.detail else ""
+            self.query_one("#stage-eta", Static).update(escape(f"{count}{detail}ETA {human_seconds(stage.eta(now))}"))
+        workers = self.app.state.workers
+        worker = workers.get(job.worker) or next(iter(workers.values()), None)
+        self.query_one("#run-memory", Static).update(escape(memory_text(worker)))
+
+    def _paint_layers(self, job: JobState) -> None:
+        stage = next(reversed(job.layers), None)
+        if stage is None:
+            return
+        table = self.query_one("#layer-table", DataTable)
+        if stage != self._table_stage:  # a new step: its own rows and, for low-rank, the retained column
+            self._table_stage, self._table_rows = stage, 0
+            table.clear(columns=True)
+            table.add_column("layer", key="layer")
+            table.add_column("retained" if is_lowrank(stage) else "sparsity", key="value")
+            table.add_column("time", key="time")
+            table.add_column("error", key="error")
+            self._switch_view(job)
+        rows = job.layers[stage]
+        lowrank = is_lowrank(stage)
+        for r in rows[self._table_rows:]:
+            key = str(r["layer"])
+            if key in table.rows:  # a layer reported again replaces its row's place in the list: skip it
+                continue
+            value = r.get("sparsity")
+            value = None if value is None else (1 - value if lowrank else value)
+            errors = [m["error"] for m in (r.get("modules") or {}).values() if m.get("error") is not None]
+            table.add_row(r["layer"], "–" if value is None else f"{value:.4f}", f"{r.get('seconds', 0.0):.2f} s",
+                          f"{sum(errors) / len(errors):.4g}" if errors else "–", key=key)
+        self._table_rows = len(rows)
+        key = (stage, len(rows))
+        if key != self._chart_key:
+            self._chart_key = key
+            _, values, total, target = job.layer_values(stage)
+            if lowrank:
+                values = [None if v is None else 1 - v for v in values]
+                self.query_one(LayerChart).update_layers(values, total=total, target=None if target is None else 1 - target,
+                                                         title="rank ratio per layer", ylabel="retained")
+            else:
+                self.query_one(LayerChart).update_layers(values, total=total, target=target)
+
+    def _paint_trials(self, job: JobState) -> None:
+        stage = next(reversed(job.trials), None)
+        if stage is None or len(job.trials[stage]) == self._trial_count:
+            return
+        trials = job.trials[stage]
+        if self._trial_count <= 0:
+            self._switch_view(job)
+            self.refresh_bindings()
+        self._trial_count = len(trials)
+        self.query_one(TrialChart).update_trials(
+            [(t.get("number", i), t.get("objective") if t.get("state", "complete") == "complete" else None)
+             for i, t in enumerate(trials)])
+        best = trials[-1].get("best") or {}
+        planned = planned_trials(job, stage)
+        summary = f"trials {len(trials)}/{planned if planned is not None else '?'}"
+        if best.get("objective") is not None:
+            summary += f" · best #{best.get('number')}: {best['objective']:.4g}"
+        self.query_one("#trial-summary", Static).update(summary)
+        if best.get("number") != self._best_number:
+            self._best_number = best.get("number")
+            table = self.query_one("#best-table", DataTable)
+            table.clear()
+            for name, value in (best.get("params") or {}).items():
+                table.add_row(name, f"{value:.3f}" if isinstance(value, float) else str(value))
+
+    def _paint_log(self, job: JobState) -> None:
+        fresh = job.logs.since(self._log_seen)
+        self._log_seen = job.logs.appended
+        log = self.query_one("#run-log", RichLog)
+        for level, message in fresh:
+            prefix = "▸ " if level == "stage" else f"{level}: " if level in ("warning", "error") else ""
+            log.write(Text(prefix + str(message), style=LOG_STYLE.get(level, "")))
+
+    def _paint_final(self, job: JobState) -> None:
+        final = self.query_one("#run-final", Static)
+        final.set_classes(job.status)
+        final.display = not job.active
+        if job.active:
+            return
+        history = self.app.key_for("screen.history", "6")
+        took = f" in {human_seconds(job.ended - job.started)}" if job.started and job.ended else ""
+        run = escape(f" · run {job.run_id}") if job.run_id else ""
+        if job.status == "finished":
+            lines = [f"[b green]finished[/]{took}{run}"]
+            lines += [escape(line) for line in metric_lines(job.metrics)] or ["no metrics were measured"]
+            evaluate = self.app.key_for("screen.evaluate", "5")
+            lines.append(f"[b]{escape(evaluate)}[/] Evaluate it · [b]{escape(history)}[/] History")
+        elif job.status == "cancelled":
+            lines = [f"[b yellow]cancelled[/]{run}",
+                     f"The events up to the cancel are in History ([b]{escape(history)}[/])."]
+        else:
+            error = job.error or {}
+            what = FAILURE.get(error.get("kind") or "", "the run failed")
+            lines = [f"[b red]failed: {what}[/]{run}", escape(error.get("message") or "no message from the worker")]
+            if error.get("hint"):
+                lines.append(f"What to do: {escape(error['hint'])}")
+            lines.append(f"The events so far are in History ([b]{escape(history)}[/]).")
+        final.update("\n".join(lines))
+
+    # ------------------------------------------------------------ views and actions
+    def _switch_view(self, job: JobState) -> None:
+        """Trials while a search runs and no layer is done yet, else layers (unless the user chose)."""
+        view = self._view or ("trials" if job.trials and not job.layers else "layers")
+        self.query_one("#run-charts", ContentSwitcher).current = "trial-pane" if view == "trials" else "layer-chart"
+        self.query_one("#run-tables", ContentSwitcher).current = "best-table" if view == "trials" else "layer-table"
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        job = self.app.state.jobs.get(self._job_id or "")
+        if action == "cancel_run":
+            return True if job is not None and job.active else None
+        if action == "toggle_view":
+            return job is not None and bool(job.trials)
+        return True
+
+    async def action_cancel_run(self) -> None:
+        await self.app.action_cancel()
+
+    def action_toggle_view(self) -> None:
+        job = self.app.state.jobs.get(self._job_id or "")
+        if job is None or not job.trials:
+            return
+        current = self.query_one("#run-charts", ContentSwitcher).current
+        self._view = "layers" if current == "trial-pane" else "trials"
+        self._switch_view(job)

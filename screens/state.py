@@ -11,9 +11,31 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 ACTIVE = ("queued", "running")
+
+
+class LogLines(deque):
+    """A bounded deque of log lines that counts every line ever appended.
+
+    ``appended`` lets a reader that remembers its last count take only the
+    new lines, even after the oldest ones fell off the front.
+    """
+
+    def __init__(self, maxlen: int = 2000):
+        super().__init__(maxlen=maxlen)
+        self.appended = 0
+
+    def append(self, line) -> None:
+        super().append(line)
+        self.appended += 1
+
+    def since(self, seen: int) -> list:
+        """The lines appended after the first ``seen`` (those still kept)."""
+        fresh = min(self.appended - seen, len(self))
+        return list(islice(reversed(self), fresh))[::-1] if fresh > 0 else []  # from the end: cheap on a full deque
 
 
 @dataclass
@@ -47,7 +69,7 @@ class StageState:
 
 @dataclass
 class JobState:
-    """One job (run, evaluate or inspect) on a worker, as the UI sees it."""
+    """One job (run, evaluate, inspect or preview) on a worker, as the UI sees it."""
 
     id: str
     kind: str
@@ -64,7 +86,7 @@ class JobState:
     layers: dict[str, list[dict]] = field(default_factory=dict)  # stage -> LayerDone dicts, by layer index
     trials: dict[str, list[dict]] = field(default_factory=dict)  # stage -> Trial dicts
     metrics: list[dict] = field(default_factory=list)
-    logs: deque = field(default_factory=lambda: deque(maxlen=2000))  # (level, message)
+    logs: LogLines = field(default_factory=LogLines)  # (level, message); stage starts and ends included
     result: dict | None = None
     error: dict | None = None
     events: int = 0
@@ -79,6 +101,8 @@ class JobState:
         """The stages a run of this spec goes through, in order (for overall progress)."""
         if self.kind == "inspect":
             return ["load"]
+        if self.kind == "preview":
+            return ["load", "calibrate"]
         steps = self.spec.get("steps") or []
         evaluate = self.spec.get("evaluate") or {}
         names = ["load"]
@@ -216,6 +240,7 @@ class UIState:
         if kind == "stage_started":
             job.stages[e["stage"]] = StageState(e["stage"], e.get("title", ""), e.get("total"), started=now)
             job.current = e["stage"]
+            job.logs.append(("stage", f"{e.get('title') or e['stage']}: started"))
         elif kind == "progress":
             stage = job.stages.setdefault(e["stage"], StageState(e["stage"], started=now))
             stage.done, stage.detail = e.get("done", 0), e.get("detail", "")
@@ -226,6 +251,7 @@ class UIState:
             stage.seconds = e.get("seconds", 0.0)
             if stage.total:
                 stage.done = stage.total
+            job.logs.append(("stage", f"{stage.title or stage.name}: done in {stage.seconds:.1f} s"))
         elif kind == "layer_done":
             rows = job.layers.setdefault(e["stage"], [])
             rows[:] = [r for r in rows if r["layer"] != e["layer"]] + [e]
