@@ -252,7 +252,7 @@ def spec_from_dict(data: dict) -> RunSpec:
     if not isinstance(data, dict):
         raise UserError("a run spec must be a table of settings", "see the shipped presets: workbench presets")
     spec = RunSpec()
-    allowed = list(_TOP_KEYS) + list(_SECTIONS) + ["steps", "study"]
+    allowed = list(_TOP_KEYS) + list(_SECTIONS) + ["steps", "guide", "study"]
     for key, value in data.items():
         if key in _TOP_KEYS:
             setattr(spec, key, _coerce(key, value, "str"))
@@ -262,12 +262,25 @@ def spec_from_dict(data: dict) -> RunSpec:
             if not isinstance(value, list):
                 raise UserError("steps must be a list of [[steps]] tables", 'write [[steps]] then type = "prune", method = "wanda", ...')
             spec.steps = [_build_step(s, i) for i, s in enumerate(value)]
+        elif key == "guide":
+            check_guide(value)  # read by the TUI's guided sessions; not part of the run
         elif key == "study":
             raise UserError("this preset defines a study (a [study] table), not a single run", "run it with: workbench study PRESET")
         else:
             raise UserError(f"unknown key '{key}'", f"allowed top-level keys: {', '.join(allowed)}")
     validate(spec)
     return spec
+
+
+def check_guide(guide: Any) -> None:
+    """``[guide]``: a preset's per-screen explanations for a guided session (screen name = text)."""
+    if not isinstance(guide, dict):
+        raise UserError(f"guide must be a table, not {type(guide).__name__}",
+                        'write [guide] followed by lines such as model = "why this model"')
+    for screen, text in guide.items():
+        if not isinstance(text, str):
+            raise UserError(f"guide.{screen} = {text!r} is not a string",
+                            f'quote the explanation: {screen} = "..."')
 
 
 def validate(spec: RunSpec) -> RunSpec:
