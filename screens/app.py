@@ -196,7 +196,8 @@ class WorkbenchApp(App):
         guide = self.session.guide
         if guide is None:
             return
-        guide.position = max(0, min(len(SCREEN_ORDER) - 1, guide.position + offset))
+        here = SCREEN_ORDER.index(self.current_mode) if self.current_mode in SCREEN_ORDER else guide.position
+        guide.position = max(0, min(len(SCREEN_ORDER) - 1, here + offset))
         self.switch_mode(guide.screen)
 
     def open_compare(self) -> None:

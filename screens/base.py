@@ -11,9 +11,11 @@ when the setup changed elsewhere (another screen, a preset).
 from __future__ import annotations
 
 from textual.app import ComposeResult
+from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import Footer
 
+from .session import SCREEN_ORDER
 from .widgets import GuideBanner, ScreenBar, WorkerLine
 
 
@@ -72,5 +74,5 @@ class WorkbenchScreen(Screen):
         banner.display = guide is not None
         if guide is not None:
             nxt = self.app.key_for("guide.next", "ctrl+n")
-            banner.update(f"[b]{guide.preset}[/] · {self.TITLE}: {guide.note(self.NAME)}\n"
-                          f"[dim]{guide.reference}[/]  [b]{nxt}[/] next")
+            step = f"{SCREEN_ORDER.index(self.NAME) + 1}/{len(SCREEN_ORDER)}" if self.NAME in SCREEN_ORDER else "·"
+            banner.update(f"[b]{escape(guide.preset)}[/] {step} [b]{nxt}[/] next · {self.TITLE}: {escape(guide.note(self.NAME))}")

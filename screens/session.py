@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import UserError
-from workbench.spec import RunSpec, load_preset_data, spec_from_dict, spec_to_toml
+from workbench.spec import RunSpec, check_guide, load_preset_data, spec_from_dict, spec_to_toml
 
 DEFAULT_PRESET = "quickstart"
 SCREEN_ORDER = ("model", "calibration", "compression", "run")  # the guided walk
@@ -91,6 +91,7 @@ class Session:
             raise UserError(f"'{name_or_path}' is a study preset (a grid of runs), not a single run",
                             f"run it headless: workbench study {name_or_path}")
         notes = data.pop("guide", None) or {}
+        check_guide(notes)
         self.data, self.preset = data, name_or_path
         self.guide = Guide(name_or_path, data.get("description", ""), data.get("reference", ""),
                            {k: str(v) for k, v in notes.items()}) if guided else None
