@@ -1,16 +1,279 @@
-"""The History screen (placeholder until its module is written)."""
+"""The History screen: every recorded run, newest first; open one, mark several and compare them, re-run, export.
+
+It reads the run history (``workbench.history.History`` at the app's
+``history_path``, else the default) directly: a page of runs and their
+metrics is a few fast SQLite queries. The table is read again when the screen
+shows and when a job ends (the worker client records runs as their events
+arrive, so an ended job is already in the database).
+"""
 
 from __future__ import annotations
 
+import copy
+import sqlite3
+import time
+from pathlib import Path
+
+from rich.markup import escape
+from rich.text import Text
 from textual.app import ComposeResult
-from textual.widgets import Static
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
+
+from workbench.errors import UserError, WorkbenchError
+from workbench.evaluation import report
+from workbench.history import History, RunRecord
 
 from .base import WorkbenchScreen
+from .charts import CurveChart
+from .widgets import PromptModal
+
+PAGE = 200  # the newest runs listed
+MARK = "✓"
+COLUMNS = (("mark", " "), ("name", "name"), ("status", "status"), ("steps", "steps"), ("sparsity", "sparsity"),
+           ("perplexity", "perplexity (dense -> compressed)"), ("model", "model"), ("started", "started"), ("id", "id"))
+
+
+def open_history(app) -> History:
+    """The run history the app's workers record into (UserError when it cannot be opened)."""
+    path = getattr(app, "history_path", None)
+    return History(path) if path else History()
+
+
+def steps_text(record: RunRecord) -> str:
+    """The run's compression steps in a few words (``wanda 50%``), ``dense`` for a run without steps."""
+    labels = [s.get("label") or s.get("type", "?") for s in (record.summary or {}).get("steps") or []]
+    if not labels and record.spec.get("steps"):
+        from workbench.spec import spec_from_dict
+
+        try:
+            labels = [s.label() for s in spec_from_dict(copy.deepcopy(record.spec)).steps]
+        except UserError:  # a spec an older version wrote: its step types are still readable
+            labels = [str(s.get("type", "?")) for s in record.spec["steps"] if isinstance(s, dict)]
+    return ", ".join(labels) or "dense"
+
+
+def started_text(record: RunRecord) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created))
 
 
 class HistoryScreen(WorkbenchScreen):
     NAME = "history"
     TITLE = "History"
+    CSS_PATH = "history.tcss"
+    BINDINGS = [
+        Binding("enter", "open", "Open", priority=True, id="history.open"),
+        Binding("space", "mark", "Mark", id="history.mark"),
+        Binding("c", "compare", "Compare", id="history.compare"),
+        Binding("r", "rerun", "Re-run", id="history.rerun"),
+        Binding("e", "export", "Export spec", id="history.export"),
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[RunRecord] = []
+        self.marked: set[str] = set()
+        self._stale = True  # read the history at the next repaint
+        self._ended: set[str] = set()  # jobs seen ended, so each end reloads once
+        self._problem: str | None = None
 
     def compose_body(self) -> ComposeResult:
-        yield Static("History", id="body")
+        with Vertical(id="history-body"):
+            yield Static("", id="history-status")
+            table = DataTable(id="history-table", cursor_type="row", zebra_stripes=True)
+            for key, label in COLUMNS:
+                table.add_column(label, key=key)
+            yield table
+
+    # ------------------------------------------------------------------ repaint
+    def on_screen_resume(self) -> None:
+        self._stale = True  # runs before the frame's resume handler, which calls on_state
+
+    def on_state(self, changes: set[str]) -> None:
+        jobs = self.app.state.jobs
+        ended = {j for j in changes if j in jobs and not jobs[j].active and jobs[j].kind != "inspect"}
+        if self._stale or ended - self._ended:
+            self._ended |= ended
+            self._stale = False
+            self.reload()
+
+    def reload(self) -> None:
+        """Read the newest runs and their metrics, and show them; the cursor stays on its run."""
+        try:
+            with open_history(self.app) as history:
+                records = history.runs(limit=PAGE)
+                metrics = {r.id: history.metrics(r.id) for r in records}
+        except (WorkbenchError, sqlite3.Error) as exc:
+            self._show_problem(getattr(exc, "message", None) or f"the run history could not be read: {exc}",
+                               getattr(exc, "hint", None) or "check that WORKBENCH_HOME is a writable folder")
+            return
+        self._problem = None
+        table = self.query_one("#history-table", DataTable)
+        keep = self.cursor_run()
+        self.records = records
+        self.marked &= {r.id for r in records}
+        table.clear()
+        for r in records:
+            sparsity = report.step_sparsity(r)
+            cells = (MARK if r.id in self.marked else "", r.name, r.status, steps_text(r),
+                     "" if sparsity is None else f"{sparsity:.0%}", report.perplexity_text(metrics[r.id]),
+                     r.model or (r.spec.get("model") or {}).get("name", ""), started_text(r), r.id)
+            table.add_row(*map(Text, cells), key=r.id)
+        if keep is not None and keep in {r.id for r in records}:
+            table.move_cursor(row=table.get_row_index(keep), animate=False)
+        self._show_status()
+
+    def _show_problem(self, message: str, hint: str) -> None:
+        self.query_one("#history-status", Static).update(f"[red]{escape(message)}[/]  ({escape(hint)})")
+        if message != self._problem:  # once, not at every repaint
+            self._problem = message
+            self.app.show_error(message, hint, "The run history could not be read")
+
+    def _show_status(self) -> None:
+        mark, compare = self.app.key_for("history.mark", "space"), self.app.key_for("history.compare", "c")
+        if not self.records:
+            text = f"no runs yet: {self.app.key_for('run.start', 'ctrl+r')} runs the current setup"
+        else:
+            text = f"{len(self.records)} run(s)"
+            text += f", {len(self.marked)} marked ({compare} compares them)" if self.marked else f"; {mark} marks runs to compare"
+        self.query_one("#history-status", Static).update(text)
+
+    # ------------------------------------------------------------------ selection
+    def cursor_run(self) -> str | None:
+        """The id of the run under the cursor (None when the table is empty)."""
+        table = self.query_one("#history-table", DataTable)
+        if table.row_count == 0:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    def cursor_record(self) -> RunRecord | None:
+        run_id = self.cursor_run()
+        record = next((r for r in self.records if r.id == run_id), None)
+        if record is None:
+            self.notify("no run selected: the history is empty", severity="warning", timeout=4)
+        return record
+
+    def action_mark(self) -> None:
+        run_id = self.cursor_run()
+        if run_id is None:
+            return
+        self.marked ^= {run_id}
+        table = self.query_one("#history-table", DataTable)
+        table.update_cell(run_id, "mark", Text(MARK if run_id in self.marked else ""))
+        table.action_cursor_down()
+        self._show_status()
+
+    def compare_ids(self) -> list[str]:
+        """The runs to compare, oldest first: the marked ones, or the one marked and the cursor's."""
+        ids = set(self.marked)
+        cursor = self.cursor_run()
+        if len(ids) == 1 and cursor is not None:
+            ids.add(cursor)
+        return [r.id for r in sorted(self.records, key=lambda r: r.created) if r.id in ids]
+
+    # ------------------------------------------------------------------ actions
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open()  # a click on a row (enter is the screen's own binding)
+
+    def action_open(self) -> None:
+        from .rundetail import RunDetailScreen
+
+        record = self.cursor_record()
+        if record is not None:
+            self.app.push_screen(RunDetailScreen(record.id))
+
+    def action_compare(self) -> None:
+        """The marked runs side by side (the command palette's "Compare runs" calls this)."""
+        ids = self.compare_ids()
+        if len(ids) < 2:
+            self.notify(f"mark two or more runs with {self.app.key_for('history.mark', 'space')} to compare them",
+                        severity="warning", timeout=5)
+            return
+        try:
+            with open_history(self.app) as history:
+                runs = [(history.get(i), history.metrics(i)) for i in ids]
+            screen = CompareScreen(runs)
+        except (WorkbenchError, sqlite3.Error) as exc:
+            self.app.show_error(getattr(exc, "message", str(exc)), getattr(exc, "hint", None), "The runs could not be compared")
+            return
+        self.app.push_screen(screen)
+
+    async def action_rerun(self) -> None:
+        """Load the run's settings into the setup and run them again."""
+        record = self.cursor_record()
+        if record is None:
+            return
+        self.app.session.load_spec(record.spec, record.name)
+        self.app.session_changed()
+        await self.app.action_run()
+
+    def action_export(self) -> None:
+        """Save the run's settings as a preset file (TOML) that ``workbench run`` and the Presets screen read."""
+        from workbench.spec import spec_from_dict, spec_to_toml
+
+        record = self.cursor_record()
+        if record is None:
+            return
+        try:
+            text = spec_to_toml(spec_from_dict(copy.deepcopy(record.spec)))
+        except UserError as exc:
+            self.app.show_error(exc.message, exc.hint, "This run's settings cannot be saved as a preset")
+            return
+
+        def write(answer: str | None) -> None:
+            if not answer:
+                return
+            path = Path(answer).expanduser()
+            if not path.name.endswith(".toml"):
+                path = path.with_name(path.name + ".toml")
+            try:
+                written = report.write_text_atomic(path, text)
+            except UserError as exc:
+                self.app.show_error(exc.message, exc.hint, "The preset was not saved")
+            except OSError as exc:
+                self.app.show_error(f"cannot write {path}: {exc.strerror or exc}", "pick a folder you can write to",
+                                    "The preset was not saved")
+            else:
+                self.notify(f"saved {written}; run it headless with: workbench run {written}", timeout=8)
+
+        default = record.name.replace("/", "-").replace("\\", "-") or "run"
+        self.app.push_screen(PromptModal(f"Save the settings of {record.name} ({record.id}) as a preset file:",
+                                         f"{default}.toml"), write)
+
+
+class CompareScreen(Screen):
+    """Runs side by side: ``workbench compare``'s table (metrics as rows, deltas against the dense baseline) and charts."""
+
+    CSS_PATH = "history.tcss"
+    BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="compare.close")]
+
+    def __init__(self, runs: list[tuple]):
+        """``runs``: (RunRecord, metrics) pairs, in column order after the baseline; UserError when empty."""
+        super().__init__(id="compare")
+        self.columns = report.columns(runs)
+        self.header, self.body = report.table_cells(self.columns)
+        self.series = report.chart_series(self.columns)
+
+    def compose(self) -> ComposeResult:
+        names = escape(", ".join(c.label for c in self.columns))
+        yield Static(f"[b]Compare[/] {names}  [dim](deltas against the first column)[/]", id="compare-title")
+        table = DataTable(id="compare-table", cursor_type="row", zebra_stripes=True)
+        for i, label in enumerate(self.header):
+            table.add_column(label, key=str(i))
+        table.add_rows([list(map(Text, row)) for row in self.body])
+        yield table
+        with TabbedContent(id="compare-charts"):
+            for name in ("perplexity", "accuracy"):
+                if name in self.series or name == "perplexity":
+                    with TabPane(f"{name} against sparsity", id=f"compare-tab-{name}"):
+                        yield CurveChart(id=f"compare-{name}")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for name in ("perplexity", "accuracy"):
+            charts = self.query(f"#compare-{name}")
+            if charts:
+                charts.first(CurveChart).update_series(self.series.get(name, {}), title=f"{name} against sparsity",
+                                                       xlabel="sparsity", ylabel=name)

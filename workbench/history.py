@@ -150,6 +150,14 @@ class History:
                  data.get("limit"), data.get("stderr"), json.dumps(json_safe(data.get("extra") or {}))),
             )
 
+    def attach_metrics(self, run_id: str, metrics: list[dict], note: str = "") -> None:
+        """Store metrics measured later on a run's model with that run, as phase ``eval`` (like ``workbench eval RUN``)."""
+        if note:
+            self.add_event(run_id, {"type": "log", "level": "info", "message": note})
+        for m in metrics:
+            keys = ("name", "dataset", "value", "seqlen", "windows", "limit", "stderr", "extra")
+            self.add_event(run_id, {"type": "metric", **{k: m.get(k) for k in keys}, "phase": "eval"})
+
     def add_artifact(self, run_id: str, kind: str, path: str) -> None:
         self.db.execute("INSERT INTO artifacts (run_id, kind, path) VALUES (?, ?, ?)", (run_id, kind, path))
 

@@ -60,7 +60,8 @@ def _merge(metrics: list[dict], phases: tuple[str, ...]) -> dict:
     return out
 
 
-def _step_sparsity(record) -> float | None:
+def step_sparsity(record) -> float | None:
+    """The achieved sparsity of a run's last step that reports one (None for a dense run or an unfinished one)."""
     steps = (record.summary or {}).get("steps") or []
     values = [s["sparsity"] for s in steps if isinstance(s.get("sparsity"), (int, float))]
     return float(values[-1]) if values else None
@@ -83,7 +84,7 @@ def columns(runs: list[tuple]) -> list[Column]:
         if cols and cols[0].baseline and r is cols[0].record and not r.spec.get("steps"):
             continue
         phases = ("before", "after", "eval") if not r.spec.get("steps") else ("after", "eval")
-        cols.append(Column(r.id, f"{r.name} ({r.id[-6:]})", _merge(m, phases), _step_sparsity(r), False, r))
+        cols.append(Column(r.id, f"{r.name} ({r.id[-6:]})", _merge(m, phases), step_sparsity(r), False, r))
     dense_params = _value(cols[0].metrics.get(("parameters", "model"))) if cols else None
     for c in cols:
         nonzero = _value(c.metrics.get(("nonzero_parameters", "model")))
@@ -181,6 +182,17 @@ def table_cells(cols: list[Column]) -> tuple[list[str], list[list[str]]]:
         base = row.cells[0] if cols and cols[0].baseline else None
         body.append([row.label] + [cell_text(m, base, i == 0 and cols[0].baseline) for i, m in enumerate(row.cells)])
     return header, body
+
+
+def perplexity_text(metrics: list[dict]) -> str:
+    """Each data set's perplexity in one line, ``wikitext2 30.00 -> 60.00`` (dense -> compressed, or a later eval)."""
+    ppl = {(m["dataset"], m["phase"]): m["value"] for m in metrics if m["name"] == "perplexity" and m.get("value") is not None}
+    parts = []
+    for ds in sorted({ds for ds, _ in ppl}):
+        before, after = ppl.get((ds, "before")), ppl.get((ds, "after"), ppl.get((ds, "eval")))
+        values = [f"{v:.2f}" for v in (before, after) if v is not None]
+        parts.append(f"{ds} {' -> '.join(values)}")
+    return "; ".join(parts)
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
