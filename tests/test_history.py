@@ -59,3 +59,16 @@ def test_a_history_written_before_metric_errors_existed_is_migrated_in_place(tmp
     assert (got["stderr"], got["extra"]) == (0.02, {"lm_eval": "0.4"})
     columns = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(metrics)")}
     assert {"stderr", "extra"} <= columns
+
+
+def test_metrics_attached_later_are_stored_as_eval_with_a_note(tmp_path):
+    from workbench.history import History
+
+    with History(tmp_path / "h.sqlite") as h:
+        h.create_run("r1", {"name": "x"}, name="x")
+        h.attach_metrics("r1", [{"name": "perplexity", "dataset": "c4", "value": 41.5, "phase": "after", "seqlen": 64}],
+                         note="evaluated by run r2")
+        metrics = h.metrics("r1")
+        events = h.events("r1")
+    assert [(m["dataset"], m["phase"], m["value"], m["seqlen"]) for m in metrics] == [("c4", "eval", 41.5, 64)]
+    assert [e["type"] for e in events] == ["log", "metric"] and events[0]["message"] == "evaluated by run r2"

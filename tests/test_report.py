@@ -157,3 +157,16 @@ def test_a_run_that_kept_no_model_cannot_be_evaluated_later(capsys):
     assert main(["eval", "r3-gone", "--efficiency"]) == 2
     err = capsys.readouterr().err
     assert "did not keep its compressed model" in err and "--out" in err
+
+
+def test_perplexity_text_reads_dense_then_compressed_or_a_later_evaluation():
+    from workbench.evaluation.report import perplexity_text
+
+    metrics = [
+        {"name": "perplexity", "dataset": "wikitext2", "phase": "before", "value": 30.0},
+        {"name": "perplexity", "dataset": "wikitext2", "phase": "after", "value": 60.004},
+        {"name": "perplexity", "dataset": "c4", "phase": "eval", "value": 41.5},
+        {"name": "accuracy", "dataset": "piqa", "phase": "after", "value": 0.6},
+    ]
+    assert perplexity_text(metrics) == "c4 41.50; wikitext2 30.00 -> 60.00"
+    assert perplexity_text(metrics[2:]) == "c4 41.50" and perplexity_text([]) == ""

@@ -232,30 +232,25 @@ def cmd_history(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .evaluation.report import perplexity_text
     from .history import History
 
     with History() as h:
         runs = h.runs(limit=args.limit)
-        rows = []
-        for r in runs:
-            ppl = {f"{m['dataset']}:{m['phase']}": m["value"] for m in h.metrics(r.id) if m["name"] == "perplexity"}
-            rows.append((r, ppl))
+        rows = [(r, h.metrics(r.id)) for r in runs]
     if args.json:
         print(json.dumps([{"id": r.id, "name": r.name, "status": r.status, "model": r.model, "created": r.created,
-                           "metrics": ppl} for r, ppl in rows], indent=2))
+                           "metrics": {f"{m['dataset']}:{m['phase']}": m["value"] for m in metrics if m["name"] == "perplexity"}}
+                          for r, metrics in rows], indent=2))
         return EXIT_OK
     import time as _time
 
     table = Table(title="run history")
     for col in ("run", "name", "status", "model", "started", "perplexity (dense -> compressed)"):
         table.add_column(col)
-    for r, ppl in rows:
-        parts = []
-        for key in sorted({k.split(":")[0] for k in ppl}):
-            b, a = ppl.get(f"{key}:before"), ppl.get(f"{key}:after")
-            parts.append(f"{key} {b:.2f}" if a is None and b is not None else
-                         f"{key} {b:.2f} -> {a:.2f}" if b is not None else f"{key} {a:.2f}")
-        table.add_row(r.id, r.name, r.status, r.model or "", _time.strftime("%Y-%m-%d %H:%M", _time.localtime(r.created)), "; ".join(parts))
+    for r, metrics in rows:
+        table.add_row(r.id, r.name, r.status, r.model or "", _time.strftime("%Y-%m-%d %H:%M", _time.localtime(r.created)),
+                      perplexity_text(metrics))
     Console().print(table)
     return EXIT_OK
 
