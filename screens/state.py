@@ -110,7 +110,8 @@ class JobState:
             names.append("calibrate")
         if evaluate.get("before", True) or not steps:
             names.append("evaluate:before")
-        names += [f"{s.get('type', 'prune')}:{i}" for i, s in enumerate(steps)]
+        for i, step in enumerate(steps):
+            names += _step_stages(step, i)
         if steps:
             names.append("evaluate:after")
         return names
@@ -163,6 +164,15 @@ class JobState:
             if m.get("name") == name and m.get("dataset") == dataset and m.get("phase") == phase:
                 return m.get("value")
         return None
+
+
+def _step_stages(step: dict, index: int) -> list[str]:
+    """The stages one compression step goes through (a low-rank step has several, see workbench.lowrank.step)."""
+    kind = step.get("type", "prune")
+    if kind != "lowrank":
+        return [f"{kind}:{index}"]
+    parts = {"search": ["statistics", "search", "apply"], "energy": ["statistics", "apply"]}.get(step.get("allocation"), ["apply"])
+    return [f"lowrank:{index}:{part}" for part in parts]
 
 
 @dataclass

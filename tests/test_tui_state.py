@@ -202,3 +202,11 @@ def test_latest_picks_the_last_submitted_job_of_a_kind():
     state.add_job(JobState("b", "evaluate", submitted=3.0))
     state.add_job(JobState("c", "run", submitted=2.0))
     assert state.latest("run").id == "c" and state.latest().id == "b" and state.latest("inspect") is None
+
+
+def test_a_low_rank_search_step_expects_its_three_stages():
+    job = JobState("j", "run", spec={"steps": [{"type": "lowrank", "allocation": "search"}, {"type": "prune"}]})
+    assert job.expected_stages == ["load", "calibrate", "evaluate:before", "lowrank:0:statistics", "lowrank:0:search",
+                                   "lowrank:0:apply", "prune:1", "evaluate:after"]
+    energy = JobState("k", "run", spec={"steps": [{"type": "lowrank", "allocation": "energy"}], "evaluate": {"before": False}})
+    assert energy.expected_stages == ["load", "calibrate", "lowrank:0:statistics", "lowrank:0:apply", "evaluate:after"]
