@@ -13,7 +13,7 @@ def register(sub) -> dict:
                         help="how long a running job gets to stop at shutdown before the worker leaves without it")
     fake = worker.add_argument_group("fake mode (no torch; deterministic event streams for UI tests and benchmarks)")
     fake.add_argument("--fake", action="store_true", help="answer jobs with realistic fake events instead of the engine")
-    fake.add_argument("--fake-delay", type=float, default=0.02, metavar="SECONDS", help="time per layer or evaluation window")
+    fake.add_argument("--fake-delay", type=float, default=0.02, metavar="SECONDS", help="time per layer, search trial or evaluation window")
     fake.add_argument("--fake-layers", type=int, default=8, metavar="N", help="layers of the fake model")
     fake.add_argument("--fake-fail", metavar="KIND@N", help="fail at unit N: error, oom, crash or hang (e.g. crash@3)")
     fake.add_argument("--fake-noise", action="store_true", help="also write junk to stdout from Python and C at every unit")

@@ -60,6 +60,9 @@ class Update:
       stderr lines);
     - ``died``: the worker ended unexpectedly (``data``: returncode, reason,
       stderr, jobs); ``hung``: it stopped answering pings and is killed;
+    - ``memory``: a pong carried the worker's devices with their memory
+      now (``data["devices"]``, the shape of hello's ``devices``); the
+      client's ``devices`` holds the latest;
     - ``stderr``: one line of the worker's stderr (``data["line"]``);
     - ``protocol``: a line was malformed or not understood and was skipped.
 
@@ -160,6 +163,10 @@ class WorkerClient:
     thread) in which every job submitted with a ``run_id`` is recorded as a
     run: its events as they arrive, then its summary, or its error (a dead
     worker's included) with the events so far kept.
+
+    ``devices`` is the worker's latest report of its devices and their free
+    memory: the hello's, replaced by each pong that carries one (``ping()``
+    while a job runs to refresh it; each also publishes a ``memory`` update).
     """
 
     def __init__(self, transport: Transport, *, name: str | None = None, hub: Hub | None = None,
@@ -177,6 +184,7 @@ class WorkerClient:
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.name).strip("-")
         self.log_path = Path(log_path) if log_path else workbench_home() / "logs" / f"worker-{slug}.log"
         self.hello: dict | None = None
+        self.devices: list[dict] = []
         self.stderr_tail: deque[str] = deque(maxlen=stderr_lines)
         self._jobs: dict[str, _Job] = {}
         self._proc: asyncio.subprocess.Process | None = None
@@ -382,11 +390,16 @@ class WorkerClient:
         elif kind == "hello":
             if self._hello_waiter is not None and not self._hello_waiter.done():
                 self.hello, self._alive = message.data, True
+                self.devices = list(message.data.get("devices") or [])
                 self._hello_waiter.set_result(message.data)
         elif kind == "pong":
             waiter = self._pings.get(message["reply_to"])
             if waiter is not None and not waiter.done():
                 waiter.set_result(message.data)
+            devices = message.get("devices")
+            if isinstance(devices, list):  # an older worker's pong has none
+                self.devices = devices
+                self._publish(Update(self.name, "memory", data={"devices": devices}, seq=message.seq, sent=message.t))
         elif kind == "bye":
             pass
         elif job is None or job.outcome is not None:

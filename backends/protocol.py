@@ -27,7 +27,7 @@ PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024 * 1024
 
 ENVELOPE = ("v", "seq", "t", "type", "job")
-JOB_KINDS = ("run", "evaluate", "inspect")
+JOB_KINDS = ("run", "evaluate", "inspect", "preview")
 
 # type -> {payload field: the JSON type it must have}. Only the fields a
 # receiver cannot do without are checked; optional ones (hint, traceback, ...)
@@ -47,14 +47,15 @@ SCHEMA: dict[str, dict[str, type]] = {
     "run": {"spec": _OBJECT},
     "evaluate": {"spec": _OBJECT},
     "inspect": {"model": _OBJECT},
+    "preview": {"spec": _OBJECT},
     "cancel": {},
     "ping": {},
     "shutdown": {},
 }
 WORKER_TYPES = ("hello", "accepted", "started", "event", "result", "error", "pong", "bye")
-CLIENT_TYPES = ("run", "evaluate", "inspect", "cancel", "ping", "shutdown")
+CLIENT_TYPES = ("run", "evaluate", "inspect", "preview", "cancel", "ping", "shutdown")
 # messages that are about one job and must name it
-NEEDS_JOB = frozenset({"accepted", "started", "event", "result", "run", "evaluate", "inspect", "cancel"})
+NEEDS_JOB = frozenset({"accepted", "started", "event", "result", "run", "evaluate", "inspect", "preview", "cancel"})
 
 
 class ProtocolError(ValueError):

@@ -83,11 +83,14 @@ class Jobs(Protocol):
 
     def execute(self, job: "Job", emit: Emit, cancel: Callable[[], bool]) -> dict: ...
 
+    # optional: ``devices() -> list[dict]``, the hello's ``devices`` taken now; called on the main thread for each
+    # ping while a job runs, so it must be quick
+
 
 @dataclass
 class Job:
     id: str
-    kind: str  # run, evaluate, inspect
+    kind: str  # run, evaluate, inspect, preview
     request: Any  # the parsed spec (run, evaluate) or model spec (inspect)
     run_id: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -99,6 +102,8 @@ def parse_job(kind: str, data: dict):
 
     if kind == "inspect":
         return spec_from_dict({"model": data["model"]}).model
+    if kind == "preview":  # only the model and calibration matter; a half-edited step must not block a preview
+        return spec_from_dict({k: v for k, v in data["spec"].items() if k in ("model", "calibration")})
     spec = spec_from_dict(data["spec"])
     if kind == "evaluate" and spec.steps:
         raise UserError(f"an evaluate job takes a spec without steps; this one has {len(spec.steps)}",
@@ -135,16 +140,21 @@ def host_memory() -> tuple[int, int]:
         return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
 
 
+def host_device() -> dict:
+    """The host as an entry of ``devices``: its memory now."""
+    total, free = host_memory()
+    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "total": total, "free": free}
+
+
 def base_hello() -> dict:
     """The hello fields every kind of worker sends; ``devices`` starts with the host."""
-    total, free = host_memory()
     return {
         "protocol": PROTOCOL_VERSION,
         "workbench": __version__,
         "python": platform.python_version(),
         "torch": None,
         "transformers": None,
-        "devices": [{"kind": "cpu", "name": platform.processor() or platform.machine(), "total": total, "free": free}],
+        "devices": [host_device()],
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "home": str(workbench_home()),
@@ -166,16 +176,28 @@ class EngineJobs:
 
         info = base_hello()
         info.update({k: versions()[k] for k in ("torch", "transformers")})
+        info["devices"] = self.devices()
+        return info
+
+    def devices(self) -> list[dict]:
+        """The host and each visible GPU with its memory now (``torch.cuda.mem_get_info``: no synchronization)."""
+        import torch
+
+        devices = [host_device()]
         if torch.cuda.is_available():
             for index in range(torch.cuda.device_count()):
                 free, total = torch.cuda.mem_get_info(index)
-                info["devices"].append({"kind": "cuda", "index": index, "name": torch.cuda.get_device_name(index),
-                                        "total": int(total), "free": int(free)})
-        return info
+                devices.append({"kind": "cuda", "index": index, "name": torch.cuda.get_device_name(index),
+                                "total": int(total), "free": int(free)})
+        return devices
 
     def execute(self, job: Job, emit: Emit, cancel: Callable[[], bool]) -> dict:
         if job.kind == "inspect":
             return inspect_model(job.request, emit)
+        if job.kind == "preview":
+            from .preview import preview_calibration
+
+            return preview_calibration(job.request, emit, cancel)
         from workbench.engine import Run
 
         return Run(job.request, emit, cancel, run_id=job.run_id).execute()
@@ -280,11 +302,22 @@ class Worker:
         elif kind == "ping":
             with self._cv:
                 busy, queued = (self.current.id if self.current else None), len(self.queue)
-            self.channel.send("pong", reply_to=message.seq, busy=busy, queued=queued)
+            self.channel.send("pong", reply_to=message.seq, busy=busy, queued=queued, **self._devices())
         elif kind == "cancel":
             self._cancel(job_id)
         else:
             self._accept(message)
+
+    def _devices(self) -> dict:
+        """``{"devices": [...]}`` for a pong, or nothing when the jobs cannot tell (a failed query never fails the pong)."""
+        devices = getattr(self.jobs, "devices", None)
+        if devices is None:
+            return {}
+        try:
+            return {"devices": devices()}
+        except Exception as exc:  # e.g. a CUDA error: the pong still answers, without memory
+            print(f"workbench worker: cannot read device memory: {exc}", file=sys.stderr)
+            return {}
 
     def _accept(self, message) -> None:
         job_id = message.job

@@ -104,12 +104,15 @@ class WorkerBridge:
 
     # ---------------------------------------------------------------- jobs
     async def submit(self, kind: str, *, spec: dict | None = None, title: str = "") -> JobState:
-        """Start the workers if needed and queue a job: ``run``/``evaluate`` a spec dict, or ``inspect`` its model."""
+        """Start the workers if needed and queue a job: ``run``/``evaluate`` a spec dict (recorded in the history),
+        ``inspect`` its model, or ``preview`` its calibration data."""
         await self.start()
         spec = copy.deepcopy(spec or {})
         if kind == "inspect":
             payload: dict[str, Any] = {"model": spec.get("model") or {"name": "demo"}}
             run_id = None
+        elif kind == "preview":  # not a run: nothing for the history
+            payload, run_id = {"spec": spec}, None
         else:
             run_id = new_run_id()
             payload = {"spec": spec, "run_id": run_id}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import UserError
+from workbench.model_source import model_problem
 from workbench.spec import RunSpec, check_guide, load_preset_data, spec_from_dict, spec_to_toml
 
 DEFAULT_PRESET = "quickstart"
@@ -106,8 +107,13 @@ class Session:
         self.revision += 1
 
     def spec(self) -> RunSpec:
-        """The validated spec; raises the validator's UserError."""
-        return spec_from_dict(copy.deepcopy(self.data))
+        """The validated spec; raises the validator's UserError, or the engine's for a local model folder that cannot load."""
+        spec = spec_from_dict(copy.deepcopy(self.data))
+        if self.backend.where == "local":  # the worker reads this machine's folders
+            problem = model_problem(spec.model.name)
+            if problem is not None:
+                raise problem
+        return spec
 
     def problem(self) -> UserError | None:
         """The first thing wrong with the setup, or None."""

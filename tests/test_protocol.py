@@ -28,6 +28,7 @@ EXAMPLES = {
     "run": ("j2", {"spec": {"name": "x", "steps": [{"type": "prune", "sparsity": 0.5}]}, "run_id": "r2"}),
     "evaluate": ("j3", {"spec": {"model": {"name": "/models/out"}, "steps": [], "evaluate": {"limit": 4}}, "run_id": "r3"}),
     "inspect": ("j4", {"model": {"name": "demo", "dtype": "auto"}}),
+    "preview": ("j5", {"spec": {"model": {"name": "demo"}, "calibration": {"source": "mix:c4=0.5,books=0.5", "nsamples": 8}}}),
     "cancel": ("j2", {}),
     "ping": (None, {}),
     "shutdown": (None, {}),

@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from workbench.errors import RunError, UserError
-
-DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-llama"
+from workbench.model_source import DEMO_MODEL_DIR, SOURCE_HINT  # noqa: F401  (re-exported)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -42,7 +41,6 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_CHOICES = ("auto", *DTYPES)
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 
-SOURCE_HINT = "pass a folder with config.json and weights, or a hub id such as org/name, or 'demo'"
 
 
 # --------------------------------------------------------------------------- devices and dtypes
@@ -141,58 +139,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # --------------------------------------------------------------------------- model sources
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?")
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return (
-        bool(_HUB_ID.fullmatch(name))
-        and len(name) <= 96
-        and ".." not in name
-        and "--" not in name
-        and not name.endswith(".")
-    )
-
-
-def _looks_like_path(name: str) -> bool:
-    if name.startswith(("/", ".", "~", "\\")):
-        return True
-    if re.match(r"[A-Za-z]:[\\/]", name):  # Windows drive
-        return True
-    seps = [s for s in (os.sep, os.altsep, "/") if s]
-    if any(s in name for s in seps):
-        first = re.split(r"[\\/]", name, maxsplit=1)[0]
-        if first and Path(first).exists():
-            return True
-    return not _looks_like_hub_id(name)
-
-
-def resolve_model_source(name: str) -> tuple[str, str]:
-    """Where a model comes from: ``("demo", folder)``, ``("local", folder)`` or ``("hub", id)``.
-
-    Raises UserError for a path that does not exist, a file instead of a folder, or a
-    folder without config.json.
-    """
-    if not isinstance(name, (str, os.PathLike)):
-        raise UserError(f"model must be a string, got {type(name).__name__}", hint=SOURCE_HINT)
-    name = os.fspath(name).strip()
-    if not name:
-        raise UserError("no model given", hint=SOURCE_HINT)
-    if name == "demo":
-        return "demo", str(DEMO_MODEL_DIR)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model folder '{name}' has no config.json",
-                            hint="pass a folder written by save_pretrained (config.json, weights, tokenizer), "
-                                 "or a hub id such as org/name, or 'demo'")
-        return "local", str(path)
-    if path.exists():
-        raise UserError(f"'{name}' is a file, not a model folder", hint=SOURCE_HINT)
-    if _looks_like_path(name):
-        raise UserError(f"model folder '{name}' does not exist", hint=SOURCE_HINT)
-    return "hub", name
+# The rules live in a torch-free module so the UI can judge a model name as the engine will.
+from workbench.model_source import resolve_model_source  # noqa: E402,F401  (re-exported)
 
 
 # --------------------------------------------------------------------------- adapters
