@@ -1,20 +1,23 @@
-"""What several benchmarks share: a Llama-2-7B-shaped model with random weights."""
+"""What several benchmarks share: a Llama-2-7B-shaped model with random weights, and the table printer.
+
+torch is imported where the model is built, so the UI benchmark measures a process without it.
+"""
 
 from __future__ import annotations
 
-import torch
 
-
-def random_llama(device, layers: int, hidden: int = 4096, intermediate: int = 11008, dtype=torch.bfloat16,
-                 keep_on: str | torch.device = "cpu", **config_kwargs):
+def random_llama(device, layers: int, hidden: int = 4096, intermediate: int = 11008, dtype=None,
+                 keep_on="cpu", **config_kwargs):
     """A Llama with random weights (N(0, 0.02) matrices, unit norms), made on ``device`` (fast on a GPU)
-    and kept on ``keep_on`` (the engine moves one layer at a time to the GPU)."""
+    and kept on ``keep_on`` (the engine moves one layer at a time to the GPU); ``dtype`` defaults to bfloat16."""
+    import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, vocab_size=32000,
                          max_position_embeddings=4096, **config_kwargs)
+    dtype = dtype or torch.bfloat16
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = model.to_empty(device=keep_on).eval()

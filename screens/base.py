@@ -19,6 +19,17 @@ from .session import SCREEN_ORDER
 from .widgets import GuideBanner, ScreenBar, WorkerLine
 
 
+class LeanFooter(Footer):
+    """Textual's Footer without its leak: each recompose binds new keys to ``compact`` and never drops the
+    old keys' watchers (Textualize/textual#6666), so every screen switch left widgets alive for the GC to scan."""
+
+    def compose(self):
+        watchers = getattr(self, "__watchers", {}).get("compact")
+        if watchers:
+            watchers[:] = [(node, callback) for node, callback in watchers if node.is_attached]
+        return super().compose()
+
+
 class WorkbenchScreen(Screen):
     NAME = ""
     TITLE = ""
@@ -43,7 +54,7 @@ class WorkbenchScreen(Screen):
         yield GuideBanner(id="guide")
         yield from self.compose_body()
         yield WorkerLine(id="worker-line")
-        yield Footer()
+        yield LeanFooter()
 
     def on_mount(self) -> None:
         self.app.changed.subscribe(self, self._changed)

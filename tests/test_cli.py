@@ -80,7 +80,7 @@ def test_a_run_exits_0_prints_json_and_is_recorded(capsys):
 
 
 def test_the_installed_command_runs_the_quickstart_preset(tmp_path):
-    """The README's first command, in a real subprocess (with a smaller evaluation)."""
+    """The README's headless Quick start command, in a real subprocess (with a smaller evaluation)."""
     proc = subprocess.run([sys.executable, "-m", "workbench", "run", "quickstart", "--set", "evaluate.limit=4", "--quiet"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr

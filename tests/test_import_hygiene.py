@@ -39,3 +39,57 @@ def test_the_worker_client_side_does_not_import_torch():
     )
     assert {"workbench.backends.client", "workbench.backends.protocol", "workbench.backends.transports"} <= mods
     assert "torch" not in mods and "transformers" not in mods
+
+
+# Runs in a clean interpreter: the app on a fake worker, every screen shown once, then the
+# modules loaded. A meta-path hook records who imports torch or transformers, for the failure message.
+_APP_SCRIPT = r"""
+import asyncio, shlex, sys, traceback
+
+class Spy:
+    stacks = {}
+
+    def find_spec(self, name, path=None, target=None):
+        if name in ("torch", "transformers") and name not in self.stacks:
+            frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith("<frozen")]
+            self.stacks[name] = "".join(traceback.format_list(frames[-12:]))
+        return None
+
+sys.meta_path.insert(0, Spy())
+
+from workbench.screens.app import WorkbenchApp
+from workbench.screens.config import Config
+from workbench.screens.session import Backend, Session
+from workbench.screens.widgets import SCREENS
+
+async def main():
+    worker = shlex.join([sys.executable, "-m", "workbench", "worker", "--fake", "--fake-delay", "0"])
+    app = WorkbenchApp(Session("quickstart", Backend(worker_command=worker)), config=Config())
+    async with app.run_test(size=(80, 24)) as pilot:
+        async def until(condition, what):
+            for _ in range(600):
+                if condition():
+                    return
+                await pilot.pause(0.05)
+            raise SystemExit(f"timed out waiting for {what}")
+
+        await until(lambda: app.first_paint is not None, "the first paint")
+        await until(lambda: any(w.status == "ready" for w in app.state.workers.values()), "the worker's hello")
+        for mode, _, key in SCREENS:
+            app.screen.set_focus(None)
+            await pilot.press(key)
+            await until(lambda: app.screen.id == f"screen-{mode}", f"key {key} to show {mode}")
+        print("shown:", " ".join(m for m, _, _ in SCREENS))
+
+asyncio.run(main())
+for name, stack in Spy.stacks.items():
+    print(f"=== {name} imported from:\n{stack}")
+print("loaded:", " ".join(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+
+
+def test_the_app_never_imports_torch_on_any_screen():
+    out = subprocess.run([sys.executable, "-c", _APP_SCRIPT], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "shown: model calibration compression run evaluate history presets" in out.stdout
+    assert "loaded: \n" in out.stdout and "imported from" not in out.stdout, out.stdout
