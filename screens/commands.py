@@ -1,4 +1,4 @@
-"""The command palette's workbench commands: open a preset, run, cancel, compare, switch screen, save."""
+"""The command palette's workbench commands: open a preset or a study, run, cancel, compare, switch screen, save."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ class WorkbenchCommands(Provider):
     def commands(self) -> list[tuple[str, object, str]]:
         """(title, callback, help) of every command the palette offers now."""
         from .session import run_presets
+        from .study import open_study, study_presets
 
         app = self.app
         found: list[tuple[str, object, str]] = [
@@ -24,6 +25,8 @@ class WorkbenchCommands(Provider):
         found += [(f"Screen: {title}", partial(app.action_switch, name), f"key {key}") for name, title, key in SCREENS]
         found += [(f"Open preset: {name}", partial(app.open_preset, name), "a guided session with its values")
                   for name, _ in run_presets()]
+        found += [(f"Open study: {name}", partial(open_study, app, name), "its plan of runs, results and ranking of sources")
+                  for name in study_presets()]
         return found
 
     async def discover(self) -> Hits:

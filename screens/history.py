@@ -31,9 +31,10 @@ from .charts import CurveChart
 from .widgets import PromptModal
 
 PAGE = 200  # the newest runs listed
+RELOAD_AFTER = 5.0  # seconds: showing the screen again sooner keeps the table it has
 MARK = "✓"
 COLUMNS = (("mark", " "), ("name", "name"), ("status", "status"), ("steps", "steps"), ("sparsity", "sparsity"),
-           ("perplexity", "perplexity (dense -> compressed)"), ("model", "model"), ("started", "started"), ("id", "id"))
+           ("perplexity", "perplexity"), ("model", "model"), ("started", "started"), ("id", "id"))
 
 
 def open_history(app) -> History:
@@ -78,6 +79,7 @@ class HistoryScreen(WorkbenchScreen):
         self._stale = True  # read the history at the next repaint
         self._ended: set[str] = set()  # jobs seen ended, so each end reloads once
         self._problem: str | None = None
+        self._loaded_at = -RELOAD_AFTER  # time.monotonic() of the last read
 
     def compose_body(self) -> ComposeResult:
         with Vertical(id="history-body"):
@@ -89,7 +91,10 @@ class HistoryScreen(WorkbenchScreen):
 
     # ------------------------------------------------------------------ repaint
     def on_screen_resume(self) -> None:
-        self._stale = True  # runs before the frame's resume handler, which calls on_state
+        # Runs before the frame's resume handler, which calls on_state. Runs this app starts reload the table
+        # when they end; a re-read on showing catches runs made elsewhere (a headless run), at most every few seconds.
+        if time.monotonic() - self._loaded_at > RELOAD_AFTER:
+            self._stale = True
 
     def on_state(self, changes: set[str]) -> None:
         jobs = self.app.state.jobs
@@ -110,6 +115,7 @@ class HistoryScreen(WorkbenchScreen):
                                getattr(exc, "hint", None) or "check that WORKBENCH_HOME is a writable folder")
             return
         self._problem = None
+        self._loaded_at = time.monotonic()
         table = self.query_one("#history-table", DataTable)
         keep = self.cursor_run()
         self.records = records

@@ -4,7 +4,8 @@ Enter starts a guided session with the highlighted preset (Model ->
 Calibration -> Compression -> Run, each screen explaining the preset's
 values); the other keys load a preset without the guide, open a preset file
 by path, or save the current setup as a preset. Study presets (grids of
-runs) are listed greyed; their preview gives the headless command that runs them.
+runs) are marked "study"; enter (or l) opens their study view (``study.py``),
+and their preview also gives the headless command.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class PresetsScreen(WorkbenchScreen):
                 continue
             if "study" in data:
                 self.presets[name], self.studies = data, self.studies | {name}
-                # greyed, yet highlightable so that the preview can show its headless command
+                # marked apart: enter opens the study view instead of loading a setup
                 options.append(Option(Text.assemble((name, "dim"), (" · study", "dim italic")), id=name))
         listing = self.query_one("#preset-list", OptionList)
         listing.set_options(options)
@@ -139,6 +140,9 @@ class PresetsScreen(WorkbenchScreen):
             enter = self.app.key_for("presets.guided", "enter")
             load = self.app.key_for("presets.load", "l")
             text.append(f"\n{enter}: a guided walk through its settings · {load}: load it without the guide", style="dim")
+        else:
+            text.append(f"\n{self.app.key_for('presets.guided', 'enter')}: open the study: its plan, runs and results",
+                        style="dim")
         preview.update(text)
 
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
@@ -159,8 +163,9 @@ class PresetsScreen(WorkbenchScreen):
         if name is None:
             return
         if name in self.studies:
-            self.app.show_error(f"{name} is a study: a grid of runs, not a single setup",
-                                f"run it headless: {study_command(name)}", "A study preset")
+            from .study import open_study
+
+            open_study(self.app, name)
             return
         if self.app.open_preset(name, guided=guided) and not guided:
             self.notify(f"loaded {name}; edit it on the Model, Calibration and Compression screens", timeout=5)
@@ -179,11 +184,17 @@ class PresetsScreen(WorkbenchScreen):
             if not path:
                 return
             try:  # the whole preset must be valid before it replaces the setup
-                spec_from_dict(copy.deepcopy(load_preset_data(path)))
+                data = load_preset_data(path)
+                if "study" in data:
+                    from .study import open_study
+
+                    open_study(self.app, path)
+                    return
+                spec_from_dict(copy.deepcopy(data))
             except UserError as exc:
                 self.app.show_error(exc.message, exc.hint, "The preset could not be opened")
                 return
             if self.app.open_preset(path, guided=False):
                 self.notify(f"loaded {path}", timeout=5)
 
-        self.app.push_screen(PromptModal("Open a preset file (a .toml path):", placeholder="~/recipes/my-recipe.toml"), opened)
+        self.app.push_screen(PromptModal("Open a preset or study file (a .toml path):", placeholder="~/recipes/my-recipe.toml"), opened)

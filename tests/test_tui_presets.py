@@ -164,7 +164,9 @@ async def test_a_bad_preset_file_shows_why_and_keeps_the_setup(tmp_path):
 
 
 @async_test
-async def test_a_study_preset_shows_its_headless_command_and_does_not_replace_the_setup():
+async def test_a_study_preset_opens_its_study_view_and_does_not_replace_the_setup():
+    from workbench.screens.study import StudyScreen
+
     studies = [name for name in preset_names() if "study" in raw_preset(name)]
     assert studies
     app = make_app("quickstart")
@@ -175,7 +177,8 @@ async def test_a_study_preset_shows_its_headless_command_and_does_not_replace_th
         preview = app.screen.query_one("#preset-preview")
         await wait_for(pilot, lambda: f"headless: workbench study {studies[0]}" in str(preview.content), what="the command")
         await pilot.press("enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, MessageModal), what="the refusal")
-        assert f"workbench study {studies[0]}" in app.screen.hint
+        await wait_for(pilot, lambda: isinstance(app.screen, StudyScreen), what="the study view")
+        assert app.screen.source == studies[0]
         await pilot.press("escape")
+        await wait_for(pilot, lambda: app.screen.id == "screen-presets", what="the Presets screen again")
         assert app.session.data == before and app.session.guide is None
