@@ -103,7 +103,7 @@ class PresetsScreen(WorkbenchScreen):
             if "study" in data:
                 self.presets[name], self.studies = data, self.studies | {name}
                 # marked apart: enter opens the study view instead of loading a setup
-                options.append(Option(Text.assemble((name, "dim"), (" · study", "dim italic")), id=name))
+                options.append(Option(Text.assemble(name, (" (study)", "dim italic")), id=name))
         listing = self.query_one("#preset-list", OptionList)
         listing.set_options(options)
         current = self.app.session.preset

@@ -60,7 +60,7 @@ class Guide:
 
 
 def run_presets() -> list[tuple[str, dict]]:
-    """(name, data) of the shipped presets that describe one run (study presets are headless grids)."""
+    """(name, data) of the shipped presets that describe one run (study presets are grids of runs: see screens/study.py)."""
     from workbench.presets import preset_names
 
     found = []
