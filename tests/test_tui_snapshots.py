@@ -148,3 +148,18 @@ def test_screen(screen, size, fixed_app, snap_compare):
         await pilot.pause()
 
     assert snap_compare(fixed_app(screen), terminal_size=size, run_before=settle)
+
+
+@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "120x40"])
+def test_study_view(size, fixed_app, snap_compare):
+    """The calibration study view of the demo study, opened from Presets: every cell still to do."""
+    from workbench.screens.study import open_study
+
+    async def open_it(pilot):
+        await wait_for(pilot, lambda: pilot.app.screen.id == "screen-presets", what="the presets screen")
+        assert open_study(pilot.app, "study-calibration-demo")
+        await wait_for(pilot, lambda: pilot.app.screen.id == "screen-study", what="the study view")
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+
+    assert snap_compare(fixed_app("presets"), terminal_size=size, run_before=open_it)
