@@ -9,8 +9,6 @@ would. No torch, no Textual.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,21 +125,14 @@ class Session:
         return spec_to_toml(self.spec())
 
     def save_preset(self, path: str | Path) -> Path:
-        """Write the (valid) setup as a preset file, atomically; returns the path."""
+        """Write the (valid) setup as a preset file, atomically (missing folders are made); returns the path."""
+        from workbench.evaluation.report import write_text_atomic
+
         text = self.to_toml()
         path = Path(path).expanduser()
         if path.suffix != ".toml":
             path = path.with_suffix(".toml")
-        if not path.parent.is_dir():
-            raise UserError(f"cannot save to {path}: the folder {path.parent} does not exist", "create it or pick another path")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, text)
         return path
 
     # ---------------------------------------------------------------- editing

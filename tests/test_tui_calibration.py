@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from tui_support import SMALL, make_app, wait_for, worker_ready
+from tui_support import SMALL, make_app, type_into, wait_for, worker_ready
 from worker_support import async_test
 from workbench.backends.preview import FAKE_DOCUMENTS, FAKE_TOP, fake_preview
 from workbench.errors import UserError
@@ -45,13 +45,6 @@ async def _choose(pilot, value: str) -> None:
     pilot.app.screen.query_one("#source-kind").value = value
     await pilot.pause()
 
-
-async def _type(pilot, selector: str, text: str) -> None:
-    widget = pilot.app.screen.query_one(selector)
-    widget.focus()
-    widget.value = ""
-    await pilot.press(*text)
-    await pilot.pause()
 
 
 @async_test
@@ -90,8 +83,8 @@ async def test_a_mixture_composes_its_rows_and_shows_the_validators_message():
         await _open(pilot)
         await _choose(pilot, "mix")
         assert _source(app) == "mix:c4=1"  # starts from the current source
-        await _type(pilot, "#mix-source", "selfgen")
-        await _type(pilot, "#mix-fraction", "0.5")
+        await type_into(pilot, "#mix-source", "selfgen")
+        await type_into(pilot, "#mix-fraction", "0.5")
         await pilot.press("enter")
         assert _source(app) == "mix:c4=1,selfgen=0.5"
         expected = _validator_message({"source": "mix:c4=1,selfgen=0.5"})
@@ -102,16 +95,16 @@ async def test_a_mixture_composes_its_rows_and_shows_the_validators_message():
         table.move_cursor(row=0)
         await pilot.press("enter")
         assert app.screen.query_one("#mix-source").value == "c4"
-        await _type(pilot, "#mix-fraction", "0.5")
+        await type_into(pilot, "#mix-fraction", "0.5")
         await pilot.press("enter")
         assert _source(app) == "mix:c4=0.5,selfgen=0.5"
         assert not _text(app, "#problem-source")
         # half of quickstart's 32 samples each
         assert [table.get_row_at(i) for i in range(table.row_count)] == [["c4", "0.5", "16"], ["selfgen", "0.5", "16"]]
         # a fraction rounding to no sample: the run would fail, so the screen says so now
-        await _type(pilot, "#f-nsamples", "1")
+        await type_into(pilot, "#f-nsamples", "1")
         assert "gets 0 of the 1 samples" in _text(app, "#problem-source")
-        await _type(pilot, "#f-nsamples", "32")
+        await type_into(pilot, "#f-nsamples", "32")
         table.focus()
         table.move_cursor(row=1)
         await pilot.press("delete")
@@ -129,21 +122,21 @@ async def test_sizes_and_selfgen_settings_edit_the_session_with_inline_problems(
     app = make_app(start_screen="calibration", start_worker=False)
     async with app.run_test(size=SMALL) as pilot:
         await _open(pilot)
-        await _type(pilot, "#f-nsamples", "0")
+        await type_into(pilot, "#f-nsamples", "0")
         assert app.session.data["calibration"]["nsamples"] == 0
         assert _validator_message({"nsamples": 0}) in _text(app, "#problem-source")
-        await _type(pilot, "#f-nsamples", "64")
-        await _type(pilot, "#f-seqlen", "")
+        await type_into(pilot, "#f-nsamples", "64")
+        await type_into(pilot, "#f-seqlen", "")
         assert app.session.data["calibration"]["nsamples"] == 64
         assert "seqlen" not in app.session.data["calibration"]  # empty: the default applies
         assert not _text(app, "#problem-source")
         await _open(pilot, "tab-selfgen")
-        await _type(pilot, "#f-selfgen-temperature", "0")
+        await type_into(pilot, "#f-selfgen-temperature", "0")
         assert app.session.data["calibration"]["selfgen"]["temperature"] == 0.0
         message = _validator_message({"selfgen": {"temperature": 0.0}})
         assert message in _text(app, "#problem-selfgen")
-        await _type(pilot, "#f-selfgen-corpus", "books")
-        await _type(pilot, "#f-selfgen-temperature", "0.7")
+        await type_into(pilot, "#f-selfgen-corpus", "books")
+        await type_into(pilot, "#f-selfgen-temperature", "0.7")
         assert app.session.data["calibration"]["selfgen"] == {"temperature": 0.7, "corpus": "books"}
         assert not _text(app, "#problem-selfgen") and app.session.problem() is None
 
@@ -154,8 +147,8 @@ async def test_preview_shows_the_fake_workers_statistics():
     async with app.run_test(size=SMALL) as pilot:
         await _open(pilot)
         await worker_ready(pilot, app)
-        await _type(pilot, "#f-nsamples", "10")
-        await _type(pilot, "#f-seqlen", "100")
+        await type_into(pilot, "#f-nsamples", "10")
+        await type_into(pilot, "#f-seqlen", "100")
         await pilot.press("ctrl+l")
         await wait_for(pilot, lambda: app.state.latest("preview") is not None and not app.state.latest("preview").active,
                        what="the preview job")
@@ -177,7 +170,7 @@ async def test_preview_shows_the_fake_workers_statistics():
         assert "c4 · 10 × 100 tokens" in _text(app, "#preview-status")
         # a changed setting marks the preview stale
         await _open(pilot)
-        await _type(pilot, "#f-seed", "3")
+        await type_into(pilot, "#f-seed", "3")
         await _open(pilot, "tab-preview")
         assert "settings changed since" in _text(app, "#preview-status")
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from textual import events
 
-from tui_support import SMALL, fake_backend, make_app, wait_for, worker_ready
+from tui_support import SMALL, choose, fake_backend, make_app, type_into, wait_for, worker_ready
 from worker_support import async_test
 from workbench.backends.fake import FAKE_GPU_MEMORY, HIDDEN, LINEARS, VOCAB
 from workbench.errors import UserError
@@ -28,19 +28,6 @@ async def _open_model(pilot, tab: str = "tab-model") -> None:
     await pilot.pause()
 
 
-async def _choose(pilot, selector: str, value: str) -> None:
-    """Pick ``value`` in a select, as choosing it from the list does, and let the screen handle it."""
-    pilot.app.screen.query_one(selector).value = value
-    await pilot.pause()
-
-
-async def _type(pilot, selector: str, text: str) -> None:
-    """Focus an input, clear it and type ``text`` key by key."""
-    widget = pilot.app.screen.query_one(selector)
-    widget.focus()
-    widget.value = ""
-    await pilot.press(*text)
-    await pilot.pause()
 
 
 async def _paste(pilot, selector: str, text: str) -> None:
@@ -77,7 +64,7 @@ async def test_a_missing_folder_is_flagged_inline_with_the_engines_message(tmp_p
     async with app.run_test(size=SMALL) as pilot:
         await _open_model(pilot)
         assert not _text(app, "#problem-name")  # the demo model is fine
-        await _choose(pilot, "#model-source", "local")
+        await choose(pilot, "#model-source", "local")
         await _paste(pilot, "#model-name", str(missing))
         await wait_for(pilot, lambda: app.session.data["model"]["name"] == str(missing), what="the typed name in the session")
         problem = _text(app, "#problem-name")
@@ -97,7 +84,7 @@ async def test_run_refuses_a_missing_model_folder(tmp_path):
     async with app.run_test(size=SMALL) as pilot:
         await _open_model(pilot)
         await worker_ready(pilot, app)
-        await _choose(pilot, "#model-source", "local")
+        await choose(pilot, "#model-source", "local")
         await _paste(pilot, "#model-name", str(missing))
         assert app.session.problem() is not None  # what ctrl+r checks
         await pilot.press("ctrl+r")
@@ -114,7 +101,7 @@ async def test_a_folder_picked_in_the_browser_becomes_the_model(tmp_path):
     app = make_app(start_screen="model", start_worker=False)
     async with app.run_test(size=SMALL) as pilot:
         await _open_model(pilot)
-        await _choose(pilot, "#model-source", "local")
+        await choose(pilot, "#model-source", "local")
         await _paste(pilot, "#model-name", str(models))
         # a folder without config.json is not a model
         await wait_for(pilot, lambda: f"model folder '{models}' has no config.json" in _text(app, "#problem-name"),
@@ -138,15 +125,15 @@ async def test_dtype_device_and_trust_remote_code_edit_the_session():
     app = make_app(start_screen="model", start_worker=False)
     async with app.run_test(size=SMALL) as pilot:
         await _open_model(pilot)
-        await _choose(pilot, "#model-dtype", "bfloat16")
-        await _type(pilot, "#model-device", "gpu")
+        await choose(pilot, "#model-dtype", "bfloat16")
+        await type_into(pilot, "#model-device", "gpu")
         await wait_for(pilot, lambda: app.session.data["model"].get("device") == "gpu", what="the device in the session")
         assert app.session.data["model"]["dtype"] == "bfloat16"
         with pytest.raises(UserError) as info:  # the validator's own message
             app.session.spec()
         assert info.value.message in _text(app, "#problem-device")
         assert not _text(app, "#problem-name")
-        await _type(pilot, "#model-device", "cuda:1")
+        await type_into(pilot, "#model-device", "cuda:1")
         await wait_for(pilot, lambda: not _text(app, "#problem-device"), what="the device problem to clear")
         assert not app.screen.query_one("#trust-warning").display
         app.screen.query_one("#model-trust").focus()
@@ -191,14 +178,14 @@ async def test_a_bad_gpu_list_is_flagged_and_the_workers_keep_running():
                                       ("#backend-where", "ssh://bad host", lambda: parse_backend("ssh://bad host"))):
             with pytest.raises(UserError) as info:
                 expected()
-            await _type(pilot, field, text)
+            await type_into(pilot, field, text)
             await wait_for(pilot, lambda: info.value.message in _text(app, "#problem-backend"), what=f"the problem of {text}")
             await pilot.press("enter")  # apply
             await pilot.pause(0.2)
             assert app.bridge.pool is pool and next(iter(app.state.workers.values())).hello["pid"] == pid
-            await _type(pilot, field, "" if field == "#backend-gpus" else "local")
+            await type_into(pilot, field, "" if field == "#backend-gpus" else "local")
         await wait_for(pilot, lambda: not _text(app, "#problem-backend"), what="the problem to clear")
-        await _type(pilot, "#backend-where", "inprocess")
+        await type_into(pilot, "#backend-where", "inprocess")
         await wait_for(pilot, lambda: "never loads torch" in _text(app, "#problem-backend"), what="the in-process refusal")
         assert app.session.backend.where == "local" and app.session.backend.gpus == ""
 
@@ -213,7 +200,7 @@ async def test_the_hello_shows_the_fake_gpu_and_a_gpu_list_starts_a_worker_per_g
         await wait_for(pilot, lambda: "Fake GPU 0" in _text(app, "#workers"), what="the hello's GPU")
         assert f"free of {human_bytes(FAKE_GPU_MEMORY)}" in _text(app, "#workers")
         old_pid = next(iter(app.state.workers.values())).hello["pid"]
-        await _type(pilot, "#backend-gpus", "0,1")
+        await type_into(pilot, "#backend-gpus", "0,1")
         await pilot.press("enter")
         await wait_for(pilot, lambda: sorted(app.state.workers) == ["local, GPU 0", "local, GPU 1"]
                        and all(w.status == "ready" for w in app.state.workers.values()), what="a worker per GPU")

@@ -50,8 +50,11 @@ def test_save_as_preset_writes_a_file_the_headless_run_reads_back(tmp_path):
     path = s.save_preset(tmp_path / "mine")
     assert path.name == "mine.toml" and [p.name for p in tmp_path.iterdir()] == ["mine.toml"]  # no temporary left
     assert load_preset(str(path)).to_dict() == s.spec().to_dict()
-    with pytest.raises(UserError, match="does not exist"):
-        s.save_preset(tmp_path / "no" / "such" / "x.toml")
+    nested = s.save_preset(tmp_path / "new" / "folder" / "x.toml")
+    assert load_preset(str(nested)).to_dict() == s.spec().to_dict()
+    (tmp_path / "taken.toml").mkdir()
+    with pytest.raises(UserError, match="is a folder"):
+        s.save_preset(tmp_path / "taken.toml")
 
 
 def test_study_presets_are_not_single_runs():

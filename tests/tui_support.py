@@ -43,3 +43,18 @@ async def job_done(pilot, app: WorkbenchApp, job=None, timeout: float = 60.0):
     await wait_for(pilot, lambda: (job or app.state.latest()) is not None and not (job or app.state.latest()).active,
                    timeout, "the job to end")
     return job or app.state.latest()
+
+
+async def choose(pilot, selector: str, value) -> None:
+    """Pick ``value`` in a select (as choosing it from the list does) and let the screen handle it."""
+    pilot.app.screen.query_one(selector).value = value
+    await pilot.pause()
+
+
+async def type_into(pilot, selector: str, text: str) -> None:
+    """Focus an input, clear it and type ``text`` key by key."""
+    widget = pilot.app.screen.query_one(selector)
+    widget.focus()
+    widget.value = ""
+    await pilot.press(*text)
+    await pilot.pause()
