@@ -75,7 +75,6 @@ class WorkbenchApp(App):
         self.changed: Signal[set[str]] = Signal(self, "changed")
         self.start_screen, self.start_worker = start_screen, start_worker
         self._repaint_pending = False
-        self._session_revision = self.session.revision
         self._modes_shown: set[str] = set()
         self._shown_before = False
         self.first_paint: float | None = None  # perf_counter() of the first screen's first refresh

@@ -72,6 +72,15 @@ async def run_and_wait(pilot, app, timeout: float = 60.0):
 PPL_AFTER = 30.0 * (1 + 4 * 0.5 ** 2)  # the fake's wikitext2 perplexity after wanda 50%
 
 
+async def run_to_first_layer(pilot, app):
+    """Press ctrl+r once the worker is up; the run job, once its first layer is pruned."""
+    await worker_ready(pilot, app)
+    await pilot.press("ctrl+r")
+    await wait_for(pilot, lambda: app.state.latest("run") is not None and app.state.latest("run").layers.get("prune:0"),
+                   what="the first pruned layer")
+    return app.state.latest("run")
+
+
 @async_test
 async def test_a_quickstart_run_fills_table_and_chart_and_ends_with_the_perplexities(monkeypatch):
     layer_calls = record_calls(monkeypatch, LayerChart, "update_layers")
@@ -132,11 +141,7 @@ async def test_cancel_asks_first_then_the_run_ends_cancelled_and_is_not_finished
     app = make_app("quickstart", fake_backend(delay=0.2, layers=20))  # 4 s of layers: time to cancel on a busy machine
     app.session.set("evaluate.limit", 2)
     async with app.run_test(size=SMALL) as pilot:
-        await worker_ready(pilot, app)
-        await pilot.press("ctrl+r")
-        await wait_for(pilot, lambda: app.state.latest("run") is not None and app.state.latest("run").layers.get("prune:0"),
-                       what="the first pruned layer")
-        job = app.state.latest("run")
+        job = await run_to_first_layer(pilot, app)
         await wait_for(pilot, lambda: "ETA" in text_of(app, "#stage-eta") and "running" in text_of(app, "#run-title"),
                        what="the live stage line")
         assert "wanda 50%" in screen_text(app)
@@ -159,11 +164,7 @@ async def test_a_killed_worker_fails_the_run_and_a_fresh_worker_runs_the_next_on
     app = make_app("quickstart", fake_backend(delay=0.1, layers=16))
     app.session.set("evaluate.limit", 2)
     async with app.run_test(size=SMALL) as pilot:
-        await worker_ready(pilot, app)
-        await pilot.press("ctrl+r")
-        await wait_for(pilot, lambda: app.state.latest("run") is not None and app.state.latest("run").layers.get("prune:0"),
-                       what="the first pruned layer")
-        job = app.state.latest("run")
+        job = await run_to_first_layer(pilot, app)
         app.bridge.kill_worker()
         await job_done(pilot, app, job)
         await wait_for(pilot, lambda: "failed" in text_of(app, "#run-final"), what="the failure panel")
