@@ -34,7 +34,7 @@ from workbench.errors import UserError, WorkbenchError
 from workbench.events import Emit, json_safe
 from workbench.history import workbench_home
 
-from .protocol import CLIENT_TYPES, PROTOCOL_VERSION, ProtocolError, Sequencer, VersionMismatch, decode, encode
+from .protocol import CLIENT_TYPES, PROTOCOL_VERSION, ProtocolError, Sequencer, VersionMismatch, decode, encode, read_lines
 
 OOM_HINT = ("the model or its activations do not fit in memory: use a 16-bit dtype (model.dtype), fewer "
             "calibration samples (calibration.nsamples) or keep activations on the CPU (calibration.offload_activations = true)")
@@ -94,6 +94,7 @@ class Job:
     request: Any  # the parsed spec (run, evaluate) or model spec (inspect)
     run_id: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_requested: bool = False  # by the client (as opposed to the worker stopping)
 
 
 def parse_job(kind: str, data: dict):
@@ -168,6 +169,10 @@ class EngineJobs:
 
     def __init__(self):
         import torch  # noqa: F401  (imported once, before hello, so jobs start without the import delay)
+
+        from workbench.models import check_requested_gpus
+
+        check_requested_gpus()  # a GPU that does not exist is refused before hello, not run on the CPU
 
     def hello(self) -> dict:
         import torch
@@ -251,7 +256,7 @@ def _job_of(line: bytes) -> str | None:
     """The job id of a line that failed to decode, when it can be read at all (for the error reply)."""
     try:
         job = json.loads(line).get("job")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+    except Exception:  # noqa: BLE001 - any unreadable line (too deep, not JSON, not an object) has no job to name
         return None
     return job if isinstance(job, str) else None
 
@@ -266,6 +271,7 @@ class Worker:
         self.queue: deque[Job] = deque()
         self.current: Job | None = None
         self.stopping = False
+        self.stop_reason = ""
         self._cv = threading.Condition()
 
     # -------------------------------------------------------------- main thread
@@ -274,7 +280,16 @@ class Worker:
         runner = threading.Thread(target=self._run_jobs, name="workbench-jobs", daemon=True)
         runner.start()
         reason = "the client closed the connection"
-        for line in stream:
+        try:
+            reason = self._read(stream) or reason
+        except _Terminated:
+            reason = "terminated (SIGTERM)"
+        self._stop(reason, runner)
+        return 0
+
+    def _read(self, stream: BinaryIO) -> str | None:
+        """Handle the client's messages until shutdown (its reason) or the end of input (None)."""
+        for line in read_lines(stream):
             if not line.strip():
                 continue
             try:
@@ -288,11 +303,9 @@ class Worker:
                                   hint="the line was skipped; the worker is still running")
                 continue
             if message.type == "shutdown":
-                reason = "shutdown requested"
-                break
+                return "shutdown requested"
             self.handle(message)
-        self._stop(reason, runner)
-        return 0
+        return None
 
     def handle(self, message) -> None:
         kind, job_id = message.type, message.job
@@ -343,6 +356,7 @@ class Worker:
     def _cancel(self, job_id: str | None) -> None:
         with self._cv:
             if self.current is not None and self.current.id == job_id:
+                self.current.cancel_requested = True
                 self.current.cancel.set()  # the job raises Cancelled at its next layer boundary
                 return
             queued = next((j for j in self.queue if j.id == job_id), None)
@@ -357,6 +371,7 @@ class Worker:
     def _stop(self, reason: str, runner: threading.Thread) -> None:
         with self._cv:
             self.stopping = True
+            self.stop_reason = reason
             dropped = list(self.queue)
             self.queue.clear()
             if self.current is not None:
@@ -391,7 +406,10 @@ class Worker:
             try:
                 result = self.jobs.execute(job, emit, cancelled)
             except Exception as exc:  # every failure becomes an error message; the worker stays up
-                self.channel.send("error", job.id, **describe_error(exc))
+                error = describe_error(exc)
+                if error["kind"] == "cancelled" and self.stopping and not job.cancel_requested:
+                    error["message"] = f"the job was stopped: the worker is stopping ({self.stop_reason})"
+                self.channel.send("error", job.id, **error)
             else:
                 self.channel.send("result", job.id, kind=job.kind, result=result)
             finally:
@@ -418,8 +436,21 @@ def take_stdio() -> tuple[BinaryIO, BinaryIO]:
     return os.fdopen(proto_in, "rb"), os.fdopen(proto_out, "wb")
 
 
+class _Terminated(Exception):
+    """SIGTERM reached the worker: stop like a shutdown (cancel the job, report it, say bye)."""
+
+
+def _on_term(signum, frame):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the worker is already stopping
+    raise _Terminated
+
+
 def main(jobs_factory: Callable[[], Jobs], grace: float = 10.0) -> int:
-    """Run a worker on this process's stdin/stdout until shutdown or end of input."""
+    """Run a worker on this process's stdin/stdout until shutdown, end of input or SIGTERM."""
+    import signal
+
     stream, out = take_stdio()
     channel = Channel(out)
     try:
@@ -427,4 +458,5 @@ def main(jobs_factory: Callable[[], Jobs], grace: float = 10.0) -> int:
     except WorkbenchError as exc:  # e.g. a fake worker's bad option: say so on the protocol, then leave
         channel.send("error", kind=exc.kind, message=exc.message, hint=exc.hint)
         return 2
+    signal.signal(signal.SIGTERM, _on_term)
     return Worker(channel, jobs, grace=grace).serve(stream)

@@ -20,6 +20,7 @@ from . import __version__
 from .errors import Cancelled, RunError, UserError, WorkbenchError
 from .events import Emit, Log, Metric, Progress, RunFinished, RunStarted, StageFinished, StageStarted, WarningEvent
 from .history import cache_dir, new_run_id, workbench_home
+from .preflight import check_steps
 from .spec import RunSpec, validate
 
 MAX_SEQLEN = 2048
@@ -85,6 +86,7 @@ class Run:
         self.tokens = None  # calibration token ids, (nsamples, seqlen)
         self.structure: list[dict] = []  # entries workbench.rebuild needs to rebuild the exported model
         self.summary: dict = {}
+        self._capped: set[str] = set()  # the seqlen keys already warned about
 
     # ------------------------------------------------------------------ stages
     @contextmanager
@@ -120,14 +122,30 @@ class Run:
     def context_seqlen(self) -> int:
         return min(MAX_SEQLEN, int(self.loaded.adapter.context_length or MAX_SEQLEN))
 
+    def seqlen_for(self, asked: int | None, key: str) -> int:
+        """The window length for ``key`` (calibration.seqlen, evaluate.seqlen): as asked, capped at the model's context.
+
+        Nothing is defined past the context (the position embeddings end
+        there), so a longer window would give wrong numbers; it is capped,
+        with a warning, the same way for calibration and evaluation.
+        """
+        if asked is None:
+            return self.context_seqlen()
+        context = self.loaded.adapter.context_length
+        if context and asked > context:
+            if key not in self._capped:
+                self._capped.add(key)
+                self.emit(WarningEvent(message=f"{key} = {asked} exceeds the model's context ({context}): "
+                                               f"windows of {context} tokens are used instead"))
+            return int(context)
+        return asked
+
     def calibrate(self) -> torch.Tensor:
         """Build the calibration windows; with ``calibration.summary``, describe them (Log event and the run summary)."""
         from .calibration import SourceContext, calibration_data, calibration_summary, summary_line
 
         c = self.spec.calibration
-        seqlen = c.seqlen or self.context_seqlen()
-        if seqlen > self.loaded.adapter.context_length:
-            self.emit(WarningEvent(message=f"calibration seqlen {seqlen} exceeds the model's context ({self.loaded.adapter.context_length})"))
+        seqlen = self.seqlen_for(c.seqlen, "calibration.seqlen")
         context = SourceContext(
             options={"selfgen": c.selfgen}, device=self.loaded.device, cancel=self.cancel,
             progress=lambda done, total, detail: self.emit(Progress(stage="calibrate", done=done, total=total, detail=detail)),
@@ -194,7 +212,7 @@ class Run:
 
         e = self.spec.evaluate
         loaded = self.loaded
-        seqlen = e.seqlen or self.context_seqlen()
+        seqlen = self.seqlen_for(e.seqlen, "evaluate.seqlen")
         name = f"evaluate:{phase}"
         with self.stage(name, f"Perplexity ({phase_label(phase)})"):
             for ds in e.perplexity:
@@ -220,13 +238,44 @@ class Run:
         report = runner(self, index, step)
         self.steps.append(report)
 
-    def export(self) -> str | None:
+    def export_target(self) -> Path | None:
+        """Where the export goes (None when the run does not save its model)."""
         x = self.spec.export
         if not x.save:
             return None
+        return Path(x.out).expanduser() if x.out else self.run_dir / "model"
+
+    def check_export_target(self) -> None:
+        """Before any work: the export folder may be written, and there is roughly room for the model.
+
+        A folder that is not empty and is not an earlier export, an earlier
+        export without ``export.overwrite``, a parent that is a file, a folder
+        that cannot be written: each is a UserError now, not after the run.
+        """
+        out = self.export_target()
+        if out is None:
+            return
+        from .files import checkpoint_bytes, export_space_warning, prepare_export_target
+        from .model_source import resolve_model_source
+
+        info = prepare_export_target(out, self.spec.export.overwrite, log=lambda message: self.emit(Log(message=message)))
+        self._export_free = info["free_bytes"]
+        try:
+            kind, where = resolve_model_source(self.spec.model.name)
+        except UserError:
+            return  # loading reports it
+        if kind != "hub":
+            warning = export_space_warning(info["free_bytes"], checkpoint_bytes(where), out)
+            if warning:
+                self.emit(WarningEvent(message=warning))
+
+    def export(self) -> str | None:
+        out = self.export_target()
+        if out is None:
+            return None
         from .export import export_model
 
-        out = Path(x.out).expanduser() if x.out else self.run_dir / "model"
+        x = self.spec.export
         dtype = None
         if x.dtype == "auto":
             original = getattr(self.loaded.model.config, "dtype", None) or getattr(self.loaded.model.config, "torch_dtype", None)
@@ -236,7 +285,8 @@ class Run:
         else:
             dtype = getattr(torch, x.dtype)
         with self.stage("export", f"Saving to {out}"):
-            path = export_model(self.loaded.model, self.loaded.tokenizer, out, self.build_summary(exported=str(out)), dtype=dtype)
+            path = export_model(self.loaded.model, self.loaded.tokenizer, out, self.build_summary(exported=str(out)),
+                                dtype=dtype, overwrite=x.overwrite, log=lambda message: self.emit(Log(message=message)))
         return str(path)
 
     def build_summary(self, exported: str | None = None) -> dict:
@@ -260,7 +310,9 @@ class Run:
         self.emit(RunStarted(run_id=self.run_id, spec=self.spec.to_dict()))
         try:
             with torch.no_grad():
+                self.check_export_target()
                 self.load()
+                check_steps(self.loaded, self.spec.steps)  # what only the model can judge, before any step runs
                 self.prepared_evaluations()  # a bad task or data file fails now, not after compression
                 self.tokens = self.calibrate() if self.spec.steps else None
                 if self.spec.evaluate.before or not self.spec.steps:

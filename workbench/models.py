@@ -82,6 +82,39 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
+def _gpus_here() -> str:
+    """The machine's GPUs in words, whatever ``CUDA_VISIBLE_DEVICES`` hides (nvidia-smi lists them all)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        rows = [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError):
+        rows = []
+    if rows:
+        return "the GPUs here are " + "; ".join(rows)
+    return "this machine has no GPU that torch can use" + ("" if torch.cuda.is_available() else
+                                                           f" (torch {torch.__version__}, CUDA unavailable)")
+
+
+def check_requested_gpus() -> None:
+    """Refuse ``--gpus`` naming GPUs that do not exist (CUDA would silently drop them and run on the CPU).
+
+    The GPUs asked for arrive in ``WORKBENCH_GPUS`` (set with ``CUDA_VISIBLE_DEVICES``
+    by the CLI and the worker transports).
+    """
+    asked = [g for g in os.environ.get("WORKBENCH_GPUS", "").split(",") if g]
+    if not asked:
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count >= len(asked):
+        return
+    missing = asked[count]  # CUDA drops the first invalid id and everything after it
+    raise UserError(f"--gpus {'+'.join(asked)}: GPU {missing} does not exist; {_gpus_here()}",
+                    "pass GPUs that exist (--gpus 0, 0+1, ...), or leave --gpus out to run on the CPU")
+
+
 def _config_dtype(config: Any) -> torch.dtype | None:
     """The dtype a checkpoint's config declares (``dtype`` in transformers 5, ``torch_dtype`` before)."""
     if config is None:
@@ -456,6 +489,20 @@ def _load_error(kind: str, label: str, exc: BaseException, what: str, hint: str)
         f"could not load {what} of model '{label}': {_first_line(exc)}", hint=hint)
 
 
+def _damaged_weight_files(folder: Path) -> list[tuple[str, str]]:
+    """The safetensors files of ``folder`` whose header or size is wrong: (name, what is wrong)."""
+    from safetensors import safe_open
+
+    damaged = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # noqa: BLE001 - the library's error type varies by version
+            damaged.append((path.name, _first_line(exc)))
+    return damaged
+
+
 def _read_local_model_type(folder: Path, name: str) -> Any:
     try:
         data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -533,7 +580,15 @@ def load_model(
             model = rebuild_model(source, config, dtype=torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        damaged = _damaged_weight_files(Path(source)) if kind != "hub" else []
+        if damaged:
+            names = ", ".join(f"{name} ({why})" for name, why in damaged)
+            raise UserError(f"model '{label}': damaged weights file{'s' * (len(damaged) > 1)}: {names}",
+                            "the file is truncated or overwritten: download or copy it again "
+                            "(for a hub model, delete it from the Hugging Face cache and load it again)") from None
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         raise _load_error(kind, label, exc, "the weights",
                           "the folder needs model.safetensors (or sharded safetensors with their index) "
                           "matching config.json") from exc

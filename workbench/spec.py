@@ -145,6 +145,7 @@ class ExportSpec:
     save: bool = False
     out: str | None = None  # None: a folder in the run's directory
     dtype: str = "auto"  # auto: the checkpoint's dtype
+    overwrite: bool = False  # replace an earlier workbench export at ``out`` (never any other folder)
 
 
 @dataclass
@@ -452,7 +453,7 @@ def resolve_preset(name_or_path: str) -> Path:
 def load_preset_data(name_or_path: str) -> dict:
     path = resolve_preset(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read preset '{path}': {exc}", "pass a UTF-8 TOML file") from None
     return parse_toml(text, str(path))
