@@ -6,7 +6,8 @@ import pytest
 
 from workbench.errors import UserError
 from workbench.presets import preset_names
-from workbench.spec import PruneStep, apply_override, load_preset, parse_toml, spec_from_dict, spec_to_toml
+from workbench.pruning.family import PruneStep
+from workbench.spec import apply_override, load_preset, parse_toml, spec_from_dict, spec_to_toml
 
 PAPER_PRESETS = ["magnitude-50", "wanda-50", "sparsegpt-50", "wanda-2of4", "sparsegpt-2of4", "owl-wanda-70"]
 

@@ -10,47 +10,21 @@ from __future__ import annotations
 import platform
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import __version__
-from .errors import Cancelled, RunError, UserError, WorkbenchError
-from .events import Emit, Log, Metric, Progress, RunFinished, RunStarted, StageFinished, StageStarted, WarningEvent
+from .context import StepContext, timed_stage
+from .errors import RunError, UserError, WorkbenchError
+from .events import Emit, Log, Metric, Progress, RunFinished, RunStarted, StagePlan, WarningEvent
 from .history import cache_dir, new_run_id, workbench_home
 from .preflight import check_steps
+from .registry import step_type
 from .spec import RunSpec, validate
 
 MAX_SEQLEN = 2048
-
-# Where each step type's runner lives: "module:function", imported when a run
-# uses it. A runner is ``fn(run: Run, index: int, step) -> dict`` (the step's
-# report: "type", "label", and what the step measured). It reads the
-# calibration tokens from ``run.tokens`` (and may replace them, e.g. after the
-# vocabulary changes), wraps its work in ``run.stage(...)``, emits events
-# through ``run.emit`` and checks ``run.cancel`` at layer boundaries. A step
-# that changes the model's structure so that a plain ``from_pretrained`` can
-# no longer rebuild it appends an entry to ``run.structure`` (see
-# ``workbench.rebuild``).
-STEP_RUNNERS: dict[str, str] = {
-    "prune": "workbench.pruner:run_step",
-    "lowrank": "workbench.lowrank.step:run_step",
-    "depth": "workbench.structured.step:run_step",
-    "width": "workbench.structured.step:run_step",
-    "vocab": "workbench.structured.step:run_step",
-}
-
-
-def step_runner(kind: str) -> Callable:
-    import importlib
-
-    if kind not in STEP_RUNNERS:
-        raise UserError(f"no runner for step type {kind!r}", f"known step types: {', '.join(STEP_RUNNERS)}")
-    module, _, func = STEP_RUNNERS[kind].partition(":")
-    return getattr(importlib.import_module(module), func)
-
 
 def versions() -> dict:
     import transformers
@@ -89,19 +63,13 @@ class Run:
         self._capped: set[str] = set()  # the seqlen keys already warned about
 
     # ------------------------------------------------------------------ stages
-    @contextmanager
     def stage(self, name: str, title: str, total: int | None = None):
-        self._check_cancel()
-        self.emit(StageStarted(stage=name, title=title, total=total))
-        t0 = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - t0
-        self.timings[name] = round(seconds, 3)
-        self.emit(StageFinished(stage=name, seconds=seconds))
+        """A stage of the run: announced, timed (``timings[name]``), cancellable at its start."""
+        return timed_stage(self.emit, self.timings, self.cancel, name, title, total)
 
-    def _check_cancel(self) -> None:
-        if self.cancel is not None and self.cancel():
-            raise Cancelled("the run was cancelled", "partial results are kept in the run history")
+    def step_context(self, index: int) -> StepContext:
+        return StepContext(loaded=self.loaded, spec=self.spec, run_id=self.run_id, index=index, tokens=self.tokens, run_dir=self.run_dir,
+                           emit=self.emit, cancel=self.cancel, structure=self.structure, timings=self.timings)
 
     # ------------------------------------------------------------------ pieces
     def load(self):
@@ -232,11 +200,17 @@ class Run:
         self.metrics.append(metric)
         self.emit(Metric(**metric))
 
-    def compress(self, index: int, step) -> None:
-        """Apply one compression step through the runner registered for its type."""
-        runner = step_runner(step.type)
-        report = runner(self, index, step)
+    def compress(self, index: int, step) -> dict:
+        """Apply one compression step through the runner its type registered (``workbench.registry``); its report."""
+        entry = step_type(step.type)
+        plan = entry.plan(step, index, len(self.loaded.adapter.layers))
+        self.emit(StagePlan(step=index, kind=step.type, label=step.label(), stages=[s.to_dict() for s in plan]))
+        ctx = self.step_context(index)
+        with torch.set_grad_enabled(entry.gradients):
+            report = entry.run(ctx, step)
+        self.tokens = ctx.tokens  # a vocabulary step re-expresses the calibration windows
         self.steps.append(report)
+        return report
 
     def export_target(self) -> Path | None:
         """Where the export goes (None when the run does not save its model)."""

@@ -24,6 +24,7 @@ import shutil
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,23 +44,30 @@ STALE_AFTER = 24 * 3600.0  # a temporary folder of another host (or without a ma
 # ---------------------------------------------------------------------------- files
 
 
-def atomic_write(path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder renamed into place.
+@contextmanager
+def atomic_file(path):
+    """A temporary path beside ``path`` to write to; renamed to ``path`` when the block ends without an error.
 
-    ``write(fh)`` gets a binary file. Readers never see a partial file, and an
-    interruption (an error, a cancel, Ctrl-C) leaves no file at all. Missing
-    parent folders are made.
+    Readers never see a partial file, and an interruption (an error, a
+    cancel, Ctrl-C) leaves no file at all. Missing parent folders are made.
+    For writers that want a path (``safetensors.torch.save_file``).
     """
     path = Path(os.fspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` atomically (``atomic_file``); ``write(fh)`` gets a binary file."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
 
 
 def write_text_atomic(path, text: str) -> Path:
@@ -324,5 +332,5 @@ def move_into_place(tmp: Path, out_dir: Path, overwrite: bool = False) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["atomic_write", "write_text_atomic", "check_export_target", "clean_stale", "is_export", "move_into_place",
+__all__ = ["atomic_file", "atomic_write", "write_text_atomic", "check_export_target", "clean_stale", "is_export", "move_into_place",
            "new_temp_folder", "prepare_export_target", "read_export_info", "export_space_warning", "INFO_FILE"]

@@ -11,35 +11,26 @@ resizes modules, with any weights: they are overwritten next), then loads the
 saved weights strictly, so a missing or unexpected tensor is an error, never a
 silently random weight.
 
-Register a kind with ``register_structure(kind, "module:function")``; the
+A step type declares the kinds it records, and the function that applies
+each, in its registry entry (``workbench.registry.StepType.structures``); the
 function is ``fn(model, entry) -> None``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
-
-STRUCTURE_KINDS: dict[str, str] = {
-    "lowrank": "workbench.lowrank.modules:apply_structure",
-    "width": "workbench.structured.width:apply_structure",
-}
-
-
-def register_structure(kind: str, target: str) -> None:
-    STRUCTURE_KINDS[kind] = target
-
+from .registry import load as resolve, structure_appliers
 
 def _resolve(kind: str) -> Callable:
-    if kind not in STRUCTURE_KINDS:
+    appliers = structure_appliers()
+    if kind not in appliers:
         raise UserError(f"the checkpoint needs structure {kind!r}, which this version of workbench cannot rebuild",
                         "upgrade workbench, or export the model merged into a plain checkpoint")
-    module, _, func = STRUCTURE_KINDS[kind].partition(":")
-    return getattr(importlib.import_module(module), func)
+    return resolve(appliers[kind])
 
 
 def structure_entries(path) -> list[dict]:

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from .errors import Cancelled, RunError, UserError, WorkbenchError
-from .spec import PRUNE_METHODS, PruneStep, RunSpec, apply_override, check_calibration_source, load_preset_data, spec_from_dict, validate
+from .pruning.family import PRUNE_METHODS, PruneStep
+from .spec import RunSpec, apply_override, check_calibration_source, load_preset_data, spec_from_dict, validate
 
 STUDY_METHODS = tuple(PRUNE_METHODS) + tuple(f"owl-{m}" for m in PRUNE_METHODS)
 _STUDY_KEYS = ("sources", "methods", "sparsities", "seeds")

@@ -30,7 +30,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-from workbench.errors import Cancelled, RunError, UserError
+from workbench.errors import RunError, UserError, check_cancel
 from workbench.events import Progress, Trial
 
 STUDY_SPACE_ATTR = "workbench_space"  # the search space a study was created with
@@ -292,7 +292,8 @@ def recover_orphans(study, include_unowned: bool = False) -> list[int]:
     return recovered
 
 
-def run_trials(study, func, trials: int, cancel: Callable[[], bool] | None = None, after: Callable[[], None] | None = None) -> None:
+def run_trials(study, func, trials: int, cancel: Callable[[], bool] | None = None, after: Callable[[], None] | None = None,
+               cancel_hint: str = "finished trials are kept in the study; resume with: workbench search --resume RUN") -> None:
     """Run trials in this process until the study holds ``trials`` complete ones.
 
     A trial starts only while complete plus running trials (of every process)
@@ -304,8 +305,7 @@ def run_trials(study, func, trials: int, cancel: Callable[[], bool] | None = Non
 
     optuna = quiet_optuna()
     while True:
-        if cancel is not None and cancel():
-            raise Cancelled("the search was cancelled", "finished trials are kept in the study; resume with workbench search --resume RUN")
+        check_cancel(cancel, cancel_hint)
         optuna.storages.fail_stale_trials(study)
         states = trial_states(study)
         if states["COMPLETE"] >= trials:
