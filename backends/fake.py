@@ -59,7 +59,9 @@ from workbench.errors import Cancelled, RunError, UserError
 from workbench.events import (Emit, LayerDone, Log, Metric, Progress, RunFinished, RunStarted, StageFinished, StageStarted,
                               Trial)
 
-from .worker import Job, base_hello, host_device
+from workbench.host import base_hello, host_device
+
+from .worker import Job
 
 FAILURES = ("error", "oom", "crash", "hang")
 HIDDEN, INTERMEDIATE, KV = 256, 768, 128  # the bundled demo model's shapes

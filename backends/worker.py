@@ -12,16 +12,15 @@ subprocess, or ``ssh HOST workbench worker``); nobody types into it. It
 - treats end of input like ``shutdown``: an orphaned worker (its client or
   its ssh connection gone) cancels its job and exits.
 
-What a job does is delegated to a ``Jobs`` object: ``EngineJobs`` (the real
-engine, torch imported on start) or ``workbench.backends.fake.FakeJobs``.
+What a job does is delegated to a ``Jobs`` object: ``workbench.jobs.EngineJobs``
+(the real engine, torch imported on start) or ``workbench.backends.fake.FakeJobs``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import socket
+import signal
 import sys
 import threading
 import traceback
@@ -29,10 +28,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Protocol
 
-from workbench import __version__
 from workbench.errors import UserError, WorkbenchError
 from workbench.events import Emit, json_safe
-from workbench.history import workbench_home
 
 from .protocol import CLIENT_TYPES, PROTOCOL_VERSION, ProtocolError, Sequencer, VersionMismatch, decode, encode, read_lines
 
@@ -130,125 +127,6 @@ def describe_error(exc: BaseException) -> dict:
             "hint": "this is a bug or a library failure; the traceback is stored with the run", "traceback": tb}
 
 
-def host_memory() -> tuple[int, int]:
-    """(total, available) bytes of the machine's memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
-        return info["MemTotal"], info.get("MemAvailable", info.get("MemFree", 0))
-    except (OSError, KeyError, ValueError):
-        page = os.sysconf("SC_PAGE_SIZE")
-        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
-
-
-def host_device() -> dict:
-    """The host as an entry of ``devices``: its memory now."""
-    total, free = host_memory()
-    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "total": total, "free": free}
-
-
-def base_hello() -> dict:
-    """The hello fields every kind of worker sends; ``devices`` starts with the host."""
-    return {
-        "protocol": PROTOCOL_VERSION,
-        "workbench": __version__,
-        "python": platform.python_version(),
-        "torch": None,
-        "transformers": None,
-        "devices": [host_device()],
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "home": str(workbench_home()),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "fake": False,
-    }
-
-
-class EngineJobs:
-    """The real engine: ``workbench.engine.Run`` for run and evaluate jobs, a model summary for inspect."""
-
-    def __init__(self):
-        import torch  # noqa: F401  (imported once, before hello, so jobs start without the import delay)
-
-        from workbench.models import check_requested_gpus
-
-        check_requested_gpus()  # a GPU that does not exist is refused before hello, not run on the CPU
-
-    def hello(self) -> dict:
-        import torch
-
-        from workbench.engine import versions
-
-        info = base_hello()
-        info.update({k: versions()[k] for k in ("torch", "transformers")})
-        info["devices"] = self.devices()
-        return info
-
-    def devices(self) -> list[dict]:
-        """The host and each visible GPU with its memory now (``torch.cuda.mem_get_info``: no synchronization)."""
-        import torch
-
-        devices = [host_device()]
-        if torch.cuda.is_available():
-            for index in range(torch.cuda.device_count()):
-                free, total = torch.cuda.mem_get_info(index)
-                devices.append({"kind": "cuda", "index": index, "name": torch.cuda.get_device_name(index),
-                                "total": int(total), "free": int(free)})
-        return devices
-
-    def execute(self, job: Job, emit: Emit, cancel: Callable[[], bool]) -> dict:
-        if job.kind == "inspect":
-            return inspect_model(job.request, emit)
-        if job.kind == "preview":
-            from .preview import preview_calibration
-
-            return preview_calibration(job.request, emit, cancel)
-        from workbench.engine import Run
-
-        return Run(job.request, emit, cancel, run_id=job.run_id).execute()
-
-
-def inspect_model(model, emit: Emit) -> dict:
-    """``model_summary`` plus every linear's shape and the memory a compression run needs.
-
-    Memory, in bytes at the load dtype: ``weights`` (held on the host), the
-    ``largest_layer`` (resident on the device during layer-by-layer work) and
-    ``activations_per_sample`` (one calibration sample's layer input and output
-    at ``seqlen``; times ``calibration.nsamples`` on the device, or on the host
-    with ``calibration.offload_activations``).
-    """
-    import time
-
-    import torch
-
-    from workbench.engine import MAX_SEQLEN
-    from workbench.events import StageFinished, StageStarted
-    from workbench.models import dtype_name, load_model, model_summary, weight_matrix
-
-    emit(StageStarted(stage="load", title=f"Loading {model.name}"))
-    t0 = time.perf_counter()
-    loaded = load_model(model.name, dtype=model.dtype, device=model.device, trust_remote_code=model.trust_remote_code)
-    emit(StageFinished(stage="load", seconds=time.perf_counter() - t0))
-    adapter = loaded.adapter
-    summary = model_summary(loaded)
-    size = torch.empty((), dtype=loaded.dtype).element_size()
-    seqlen = min(MAX_SEQLEN, adapter.context_length or MAX_SEQLEN)
-    summary["linear_shapes"] = {
-        f"{adapter.layer_name(i)}.{name}": list(weight_matrix(module).shape)
-        for i, layer in enumerate(adapter.layers) for name, module in adapter.linear_modules(layer).items()
-    }
-    largest = max((sum(p.numel() for p in layer.parameters()) for layer in adapter.layers), default=0)
-    summary["memory"] = {
-        "dtype": dtype_name(loaded.dtype),
-        "weights": summary["total_params"] * size,
-        "largest_layer": largest * size,
-        "activations_per_sample": 2 * seqlen * (summary["hidden_size"] or 0) * size,
-        "seqlen": seqlen,
-    }
-    summary["device"] = str(loaded.device)
-    return summary
-
-
 # --------------------------------------------------------------------------- the worker
 
 
@@ -276,7 +154,7 @@ class Worker:
 
     # -------------------------------------------------------------- main thread
     def serve(self, stream: BinaryIO) -> int:
-        self.channel.send("hello", **self.jobs.hello())
+        self.channel.send("hello", protocol=PROTOCOL_VERSION, **self.jobs.hello())
         runner = threading.Thread(target=self._run_jobs, name="workbench-jobs", daemon=True)
         runner.start()
         reason = "the client closed the connection"
@@ -441,16 +319,12 @@ class _Terminated(Exception):
 
 
 def _on_term(signum, frame):
-    import signal
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the worker is already stopping
     raise _Terminated
 
 
 def main(jobs_factory: Callable[[], Jobs], grace: float = 10.0) -> int:
     """Run a worker on this process's stdin/stdout until shutdown, end of input or SIGTERM."""
-    import signal
-
     stream, out = take_stdio()
     channel = Channel(out)
     try:

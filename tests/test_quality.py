@@ -6,7 +6,6 @@ The first 48 windows of each set keep the test under a minute on two cores.
 """
 
 import pytest
-import torch
 
 from shared_data import shared_path
 from workbench.calibration import calibration_samples

@@ -20,6 +20,7 @@ from .context import StepContext, timed_stage
 from .errors import RunError, UserError, WorkbenchError
 from .events import Emit, Log, Metric, Progress, RunFinished, RunStarted, StagePlan, WarningEvent
 from .history import cache_dir, new_run_id, workbench_home
+from .models import load_spec_model, model_summary
 from .preflight import check_steps
 from .registry import step_type
 from .spec import RunSpec, validate
@@ -73,14 +74,12 @@ class Run:
 
     # ------------------------------------------------------------------ pieces
     def load(self):
-        from .models import load_model, model_summary
-
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress display reports loading
         m = self.spec.model
         with self.stage("load", f"Loading {m.name}"):
-            self.loaded = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+            self.loaded = load_spec_model(m)
             info = model_summary(self.loaded)
             self.model_info = info
             self.emit(Log(message=f"{info.get('architecture')} with {info.get('num_layers')} layers, "

@@ -113,15 +113,3 @@ def _materialize_buffers(model, config) -> None:
         if value is None:
             raise UserError(f"cannot rebuild buffer {name}", "this is a bug; please report it")
         module.register_buffer(buffer_name, value, persistent=name in model.state_dict())
-
-
-def load(path, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """Load an exported (or any local or hub) model with its tokenizer: ``(model, tokenizer)``.
-
-    Checkpoints with a recorded structure (factorized linears, per-layer widths)
-    are rebuilt; others load as ``transformers`` loads them.
-    """
-    from .models import load_model
-
-    loaded = load_model(str(path), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    return loaded.model, loaded.tokenizer

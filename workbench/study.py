@@ -484,10 +484,10 @@ def _calib_spec(args) -> RunSpec:
 
 
 def _load_for(spec: RunSpec):
-    from .models import load_model
+    from .models import load_spec_model
 
     m = spec.model
-    loaded = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+    loaded = load_spec_model(m)
     ctx = loaded.adapter.context_length or 2048
     return loaded, spec.calibration.seqlen or min(2048, ctx)
 

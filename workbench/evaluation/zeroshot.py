@@ -91,9 +91,9 @@ def _quiet_lm_eval():
 
 def _hub_failure(exc: BaseException) -> bool:
     """Whether loading failed because the Hugging Face Hub could not be reached (or offline mode forbade it)."""
-    from workbench.models import _exception_chain
+    from workbench.models import exception_chain
 
-    names = {cls.__name__ for e in _exception_chain(exc) for cls in type(e).__mro__}
+    names = {cls.__name__ for e in exception_chain(exc) for cls in type(e).__mro__}
     return bool(names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError",
                          "ConnectError"})
 

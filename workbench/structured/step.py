@@ -10,7 +10,6 @@ tokens in the new ids, so that later steps calibrate on the same text.
 
 from __future__ import annotations
 
-import time
 
 import torch
 

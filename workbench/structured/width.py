@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from workbench.errors import UserError
+from workbench.observers import InputMoments
 
 from .layout import add_zero_bias, resize_linear, slice_linear
 
