@@ -23,41 +23,36 @@ import torch
 
 from workbench.files import atomic_file
 from workbench.models import weight_matrix
-from workbench.observers import InputAbsMean, OutputCovariance
+from workbench.observers import statistic
+from workbench.registry import load
 from workbench.sweep import LayerStats, LayerSweep, Watch
 
 from .allocation import Budget, Target
-from .factor import Factorization, asvd_factorization, dense_params, feature_factorization, svd_factorization
+from .factor import Factorization, dense_params
+from .family import METHODS, LowRankMethod
 from .modules import LowRankLinear, set_submodule
 
 
-def uses_data(method: str) -> tuple[bool, bool]:
-    """Which statistics a method needs: ``(outputs, inputs)``."""
-    return method == "feature", method == "asvd"
-
-
-def factorize(method: str, module, stats: LayerStats | None, name: str, rank: int, alpha: float) -> Factorization:
-    """Factor one linear up to ``rank`` from its statistics (output covariance for feature, input |x| for asvd)."""
-    weight = weight_matrix(module)
-    bias = getattr(module, "bias", None)
-    if method == "svd":
-        return svd_factorization(weight, bias, rank)
-    if method == "asvd":
-        return asvd_factorization(weight, bias, rank, stats.inputs[name]["abs_mean"], alpha)
-    covariance, mean = stats.outputs[name]["covariance"]
-    return feature_factorization(weight, bias, rank, covariance, mean)
+def factorize(method: LowRankMethod, module, stats: LayerStats | None, name: str, rank: int,
+              options: dict) -> Factorization:
+    """Factor one linear up to ``rank`` with ``method``, from the statistics its table row asks for."""
+    named = {}
+    if stats is not None:
+        named.update(stats.inputs.get(name, {}))
+        named.update(stats.outputs.get(name, {}))
+    return load(method.factorize)(weight_matrix(module), getattr(module, "bias", None), rank, named, options)
 
 
 class LayerPass:
     """What the passes of one low-rank step share: the targets per layer, and a sweep with the method's statistics."""
 
     def __init__(self, loaded, tokens, budget: Budget, method: str, *, batch_size: int = 8, offload: bool = False,
-                 emit=None, stage: str = "lowrank", cancel=None):
+                 emit=None, stage: str = "lowrank", cancel=None, options: dict | None = None):
         self.adapter = loaded.adapter
         self.dtype = loaded.dtype
-        self.method = method
-        self.outputs, self.inputs = uses_data(method)
-        self.data = self.outputs or self.inputs
+        self.method = METHODS[method]
+        self.options = options or {"asvd_alpha": 0.5}
+        self.data = bool(self.method.inputs or self.method.outputs)
         self.by_layer: dict[int, list[Target]] = {}
         for t in budget.targets:
             self.by_layer.setdefault(t.layer, []).append(t)
@@ -72,12 +67,15 @@ class LayerPass:
             modules = self.adapter.linear_modules(layer)
             return {t.name: modules[t.name] for t in targets_of(index)}
 
-        return Watch(inputs={"abs_mean": InputAbsMean} if self.inputs else {},
-                     outputs={"covariance": OutputCovariance} if self.outputs else {}, linears=linears)
+        return Watch(inputs={name: statistic(name) for name in self.method.inputs},
+                     outputs={name: statistic(name, on="output") for name in self.method.outputs}, linears=linears)
+
+    def factorize(self, module, stats, name: str, rank: int) -> Factorization:
+        return factorize(self.method, module, stats, name, rank, self.options)
 
 
 @torch.no_grad()
-def dense_factorizations(layer_pass: LayerPass, alpha: float) -> dict[str, Factorization]:
+def dense_factorizations(layer_pass: LayerPass) -> dict[str, Factorization]:
     """Every target's factors up to its largest saving rank, from dense-model statistics, on the CPU."""
     p = layer_pass
     factors: dict[str, Factorization] = {}
@@ -88,15 +86,14 @@ def dense_factorizations(layer_pass: LayerPass, alpha: float) -> dict[str, Facto
     def factorize_layer(layer, i, stats) -> None:
         modules = p.adapter.linear_modules(layer)
         for t in targets(i):
-            factors[t.key] = factorize(p.method, modules[t.name], stats, t.name, t.max_rank, alpha).to("cpu", p.dtype)
+            factors[t.key] = p.factorize(modules[t.name], stats, t.name, t.max_rank).to("cpu", p.dtype)
 
     p.sweep.run(factorize_layer, p.watch(targets), dense=True, data=p.data, detail="statistics and factorizations")
     return factors
 
 
 @torch.no_grad()
-def apply_sequential(layer_pass: LayerPass, ranks: dict[str, int], alpha: float,
-                     target_retention: float) -> tuple[dict[str, torch.nn.Module], list[dict]]:
+def apply_sequential(layer_pass: LayerPass, ranks: dict[str, int], target_retention: float) -> tuple[dict[str, torch.nn.Module], list[dict]]:
     """Replace every target with a nonzero rank, layer by layer; return the replaced modules and a per-layer report."""
     p = layer_pass
     originals: dict[str, torch.nn.Module] = {}
@@ -108,7 +105,7 @@ def apply_sequential(layer_pass: LayerPass, ranks: dict[str, int], alpha: float,
         linears = p.adapter.linear_modules(layer)
         for t in targets(i):
             rank = ranks[t.key]
-            a, b, bias = factorize(p.method, linears[t.name], stats, t.name, rank, alpha).truncate(rank)
+            a, b, bias = p.factorize(linears[t.name], stats, t.name, rank).truncate(rank)
             originals[t.key] = set_submodule(layer, t.name, LowRankLinear.from_factors(a, b, bias, dtype=p.dtype))
         entry = _layer_report(i, linears, p.by_layer.get(i, []), ranks)
         entry.update(sparsity=1 - entry["retained"], target=1 - target_retention, value=entry["retained"])

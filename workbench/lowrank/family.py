@@ -19,7 +19,33 @@ from workbench.registry import PlannedStage, StepType, register
 from workbench.spec.checks import choice
 from workbench.spec.fields import setting
 
-LOWRANK_METHODS = ("svd", "asvd", "feature")
+
+
+@dataclass(frozen=True)
+class LowRankMethod:
+    """One factorization: the statistics it reads and the function that factorizes a linear.
+
+    ``factorize`` is ``"module:function"``: ``fn(weight, bias, rank, stats, options) -> Factorization``
+    (``workbench.lowrank.factor``); ``inputs`` / ``outputs`` name the statistics of each linear's input /
+    output it needs (``workbench.observers``); ``pair_bias``: the pair carries a bias of its own.
+    """
+
+    name: str
+    factorize: str
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    pair_bias: bool = False
+    help: str = ""
+
+
+METHODS: dict[str, LowRankMethod] = {m.name: m for m in (
+    LowRankMethod("svd", "workbench.lowrank.factor:svd_method", help="truncated SVD of the weight"),
+    LowRankMethod("asvd", "workbench.lowrank.factor:asvd_method", inputs=("abs_mean",),
+                  help="SVD of the weight scaled by the inputs' mean |x| ** alpha (Yuan et al., 2023)"),
+    LowRankMethod("feature", "workbench.lowrank.factor:feature_method", outputs=("covariance",), pair_bias=True,
+                  help="top eigenvectors of the pooled output covariance, the mean output kept (Ji et al., 2024)"),
+)}
+LOWRANK_METHODS = tuple(METHODS)
 LOWRANK_ALLOCATIONS = ("uniform", "energy", "search")
 SEARCH_SPACES = ("type", "layer")
 SEARCH_SAMPLERS = ("gp", "tpe")
@@ -36,7 +62,7 @@ class LowRankStep:
     """Factorize decoder linears into low-rank pairs (Ji et al., EMNLP 2024 Findings, and its baselines)."""
 
     method: str = setting("feature", choices=LOWRANK_METHODS,
-                          help="svd | asvd | feature (top eigenvectors of the pooled output covariance)")
+                          help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))
     retention: float = setting(0.8, help="fraction of the decoder's linear parameters kept, in (0, 1]")
     allocation: str = setting("uniform", choices=LOWRANK_ALLOCATIONS, help="uniform | energy | search")
     energy: float | None = setting(None, when=("allocation", ("energy",)),
@@ -138,5 +164,5 @@ register(StepType(
     description="Factorize decoder linears into low-rank pairs, with a rank-allocation search.",
 ))
 
-__all__ = ["LowRankStep", "LOWRANK_METHODS", "LOWRANK_ALLOCATIONS", "SEARCH_SPACES", "SEARCH_SAMPLERS", "OBJECTIVE_DATA",
+__all__ = ["LowRankStep", "LowRankMethod", "METHODS", "LOWRANK_METHODS", "LOWRANK_ALLOCATIONS", "SEARCH_SPACES", "SEARCH_SAMPLERS", "OBJECTIVE_DATA",
            "check_storage", "plan"]

@@ -32,6 +32,7 @@ from workbench.events import Log, WarningEvent
 from . import search as S
 from .allocation import Budget, energy_ranks, search_space, uniform_ranks
 from .compress import LayerPass, apply_sequential, dense_factorizations, load_factors, restore, save_factors
+from .family import METHODS
 from .modules import structure_entry
 
 
@@ -48,13 +49,14 @@ class LowRankRun:
         self.step = step
         self.loaded = ctx.loaded
         self.stage = f"lowrank:{ctx.index}"
-        self.budget = Budget.of(self.loaded.adapter, pair_bias=step.method == "feature")
+        self.budget = Budget.of(self.loaded.adapter, pair_bias=METHODS[step.method].pair_bias)
         self.objective = None
         self.layers: list[dict] = []  # the per-layer report of the applied allocation
 
     def layer_pass(self, stage: str) -> LayerPass:
         c = self.ctx.spec.calibration
         return LayerPass(self.loaded, self.ctx.tokens, self.budget, self.step.method, batch_size=c.batch_size,
+                         options={"asvd_alpha": self.step.asvd_alpha},
                          offload=c.offload_activations, emit=self.ctx.emit, stage=stage, cancel=self.ctx.cancel)
 
     # ------------------------------------------------------------ fingerprints
@@ -87,7 +89,7 @@ class LowRankRun:
         name = f"{self.stage}:statistics"
         layers = len(self.loaded.adapter.layers)
         with self.ctx.stage(name, f"Low-rank statistics and factorizations ({self.step.method})", total=layers):
-            factors = dense_factorizations(self.layer_pass(name), self.step.asvd_alpha)
+            factors = dense_factorizations(self.layer_pass(name))
         if path:
             save_factors(path, factors, fingerprint)
         return factors
@@ -95,7 +97,7 @@ class LowRankRun:
     def apply(self, ranks: dict[str, int], title: str):
         name = f"{self.stage}:apply"
         with self.ctx.stage(name, title, total=len(self.loaded.adapter.layers)):
-            return apply_sequential(self.layer_pass(name), ranks, self.step.asvd_alpha, self.step.retention)
+            return apply_sequential(self.layer_pass(name), ranks, self.step.retention)
 
     def build_objective(self):
         from .objective import Objective, objective_tokens
