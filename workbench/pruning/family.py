@@ -36,6 +36,9 @@ METHODS: dict[str, PruneMethod] = {m.name: m for m in (
                 help="|W| times the input feature's l2 norm, within each output row (Sun et al., 2024)"),
     PruneMethod("sparsegpt", "workbench.pruning.methods:sparsegpt", statistics=("hessian",), joint=True,
                 help="OBS with lazy batch updates: prune and update the remaining weights (Frantar & Alistarh, 2023)"),
+    PruneMethod("ria", "workbench.pruning.ria:prune", statistics=("sq_norm",),
+                help="relative importance (|W| over its row's and its column's totals) times the input norm ** 0.5, "
+                     "within each output row (Zhang et al., 2024)"),
     PruneMethod("random", "workbench.pruning.random:prune", scopes=("row", "matrix"),
                 help="uniformly random weights, seeded by calibration.seed: the floor a method has to beat"),
 )}
