@@ -178,7 +178,7 @@ def test_depth_step_removes_what_its_criterion_and_selection_choose(criterion, s
 
 def test_middle_selection_is_the_best_non_adjacent_choice():
     rng = random.Random(0)
-    for trial in range(200):
+    for _ in range(200):
         total = rng.randint(3, 10)
         count = rng.randint(1, D.middle_capacity(total))
         scores = [rng.random() for _ in range(total)]

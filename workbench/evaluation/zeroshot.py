@@ -119,7 +119,8 @@ def load_tasks(names: list[str]) -> dict[str, dict]:
             except Exception as exc:
                 if _hub_failure(exc):
                     raise UserError(f"zero-shot task {ref.name!r} needs its data from the Hugging Face Hub, which could not be reached",
-                                    f"use a bundled task ({', '.join(BUNDLED_TASKS)}), or go online / unset HF_DATASETS_OFFLINE once to cache it") from None
+                                    f"use a bundled task ({', '.join(BUNDLED_TASKS)}), "
+                                    "or go online / unset HF_DATASETS_OFFLINE once to cache it") from None
                 raise UserError(f"cannot load zero-shot task {ref.name!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                                 "check the task file (an lm-eval task YAML)") from None
     return out

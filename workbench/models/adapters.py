@@ -177,7 +177,7 @@ class ModelAdapter:
         seen: set[int] = set()
         node: nn.Module = self.model
         parts = self.spec.layers.split(".")
-        for i, part in enumerate(parts):
+        for part in parts:
             for name, child in node.named_children():
                 if name == part or child is self._lm_head or child is self._layers:
                     continue

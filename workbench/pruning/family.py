@@ -101,12 +101,14 @@ def validate_prune_step(step: PruneStep, where: str = "step") -> None:
     if step.pattern != "unstructured":
         nm = step.nm
         if nm is None:
-            raise UserError(f"{where}.pattern = {step.pattern!r} is not a pattern", "allowed: unstructured, or N:M such as 2:4 (N of every M weights pruned)")
+            raise UserError(f"{where}.pattern = {step.pattern!r} is not a pattern",
+                            "allowed: unstructured, or N:M such as 2:4 (N of every M weights pruned)")
         n, mm = nm
         if not (0 < n < mm):
             raise UserError(f"{where}.pattern = {step.pattern!r}: N:M needs 0 < N < M", "for example 2:4 or 4:8")
         if step.allocation != "uniform":
-            raise UserError(f"{where}: allocation {step.allocation!r} cannot be combined with an N:M pattern", "N:M fixes the sparsity of every layer at N/M; use allocation = \"uniform\"")
+            raise UserError(f"{where}: allocation {step.allocation!r} cannot be combined with an N:M pattern",
+                            "N:M fixes the sparsity of every layer at N/M; use allocation = \"uniform\"")
     elif not (0.0 <= step.sparsity < 1.0):
         raise UserError(f"{where}.sparsity = {step.sparsity} is outside [0, 1)", "give the fraction of weights to remove, e.g. 0.5 for 50%")
     if step.allocation == "owl":
