@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.calibration import calibration_samples  # noqa: E402
+from workbench.data.sampling import calibration_samples  # noqa: E402
 from workbench.models import load_model  # noqa: E402
 from workbench.perplexity import eval_tokens, perplexity  # noqa: E402
 from workbench.pruning.runner import prune  # noqa: E402

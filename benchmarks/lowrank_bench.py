@@ -76,7 +76,7 @@ def bench(label, loaded, calibration, objective_ids, trials, sampler, batch_size
 
 
 def demo_rows(device, nsamples, seqlen, chunks, chunk_len, trials, sampler, batch_size, rows):
-    from workbench.calibration import calibration_samples
+    from workbench.data.sampling import calibration_samples
     from workbench.models import load_model
 
     loaded = load_model("demo", dtype="float32", device=str(device))

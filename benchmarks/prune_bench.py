@@ -118,7 +118,7 @@ METHODS = [
 
 
 def demo_rows(device, nsamples, seqlen, batch_size, rows=None, sink=None):
-    from workbench.calibration import calibration_samples
+    from workbench.data.sampling import calibration_samples
     from workbench.models import load_model
 
     loaded = load_model("demo", dtype="float32", device=str(device))

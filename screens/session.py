@@ -15,6 +15,7 @@ from typing import Any
 
 from workbench.errors import UserError
 from workbench.model_source import model_problem
+from workbench.files import write_text_atomic
 from workbench.spec import RunSpec, check_guide, load_preset_data, spec_from_dict, spec_to_toml
 
 DEFAULT_PRESET = "quickstart"
@@ -126,7 +127,6 @@ class Session:
 
     def save_preset(self, path: str | Path) -> Path:
         """Write the (valid) setup as a preset file, atomically (missing folders are made); returns the path."""
-        from workbench.evaluation.report import write_text_atomic
 
         text = self.to_toml()
         path = Path(path).expanduser()

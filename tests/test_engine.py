@@ -19,7 +19,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def tokens(demo):
-    from workbench.calibration import calibration_samples
+    from workbench.data.sampling import calibration_samples
 
     return calibration_samples("c4", demo.tokenizer, nsamples=8, seqlen=128, seed=0)
 

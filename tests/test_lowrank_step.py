@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import workbench
-from workbench.calibration import calibration_samples
+from workbench.data.sampling import calibration_samples
 from workbench.engine import Run
 from workbench.errors import UserError
 from workbench.events import LayerDone

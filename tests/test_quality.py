@@ -8,7 +8,7 @@ The first 48 windows of each set keep the test under a minute on two cores.
 import pytest
 
 from shared_data import shared_path
-from workbench.calibration import calibration_samples
+from workbench.data.sampling import calibration_samples
 from workbench.models import load_model
 from workbench.perplexity import eval_tokens, perplexity
 from workbench.pruning.runner import prune

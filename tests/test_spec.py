@@ -44,7 +44,7 @@ def test_overrides_reach_nested_keys_and_list_items():
         ("steps.0.pattern=5:3", ["5:3"]),
         ("steps.0.pattern=half", ["half", "unstructured"]),
         ("steps.0.method=obs", ["steps.0.method", "obs", "magnitude, wanda, sparsegpt"]),
-        ("calibration.source=books2", ["books2", "c4, wikitext2, random"]),
+        ("calibration.source=books2", ["books2", "c4, wikitext2, books"]),
         ("calibration.nsamples=0", ["calibration.nsamples"]),
         ("calibration.colour=1", ["calibration.colour", "nsamples"]),
         ("model.dtype=int3", ["int3", "float32"]),

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from test_structured_models import tiny_model, tiny_run
-from workbench import corpora
+from workbench.data import corpora
 from workbench.errors import UserError
 from workbench.export import export_model
 from workbench.models import load_model

@@ -83,6 +83,7 @@ COMMAND_MODULES = (
     "workbench.backends.cli",
     "workbench.lowrank.cli",
     "workbench.study",
+    "workbench.data.cli",
     "workbench.evaluation.cli",
     "workbench.screens.cli",
 )

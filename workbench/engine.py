@@ -20,12 +20,14 @@ from .context import StepContext, timed_stage
 from .errors import RunError, UserError, WorkbenchError
 from .events import Emit, Log, Metric, Progress, RunFinished, RunStarted, StagePlan, WarningEvent
 from .history import cache_dir, new_run_id, workbench_home
+from .data.sampling import calibration_data
+from .data.sources import SourceContext
+from .data.summary import calibration_summary, summary_line
+from .data.windows import default_seqlen, window_length
 from .models import load_spec_model, model_summary
 from .preflight import check_steps
 from .registry import step_type
 from .spec import RunSpec, validate
-
-MAX_SEQLEN = 2048
 
 def versions() -> dict:
     import transformers
@@ -87,29 +89,20 @@ class Run:
         return self.loaded
 
     def context_seqlen(self) -> int:
-        return min(MAX_SEQLEN, int(self.loaded.adapter.context_length or MAX_SEQLEN))
+        return default_seqlen(self.loaded.adapter.context_length)
 
     def seqlen_for(self, asked: int | None, key: str) -> int:
-        """The window length for ``key`` (calibration.seqlen, evaluate.seqlen): as asked, capped at the model's context.
-
-        Nothing is defined past the context (the position embeddings end
-        there), so a longer window would give wrong numbers; it is capped,
-        with a warning, the same way for calibration and evaluation.
-        """
-        if asked is None:
-            return self.context_seqlen()
-        context = self.loaded.adapter.context_length
-        if context and asked > context:
+        """The window length for ``key`` (calibration.seqlen, evaluate.seqlen): ``workbench.data.windows``'s rule,
+        warned about once per key."""
+        def warn(message: str) -> None:
             if key not in self._capped:
                 self._capped.add(key)
-                self.emit(WarningEvent(message=f"{key} = {asked} exceeds the model's context ({context}): "
-                                               f"windows of {context} tokens are used instead"))
-            return int(context)
-        return asked
+                self.emit(WarningEvent(message=message))
+
+        return window_length(asked, self.loaded.adapter.context_length, key, warn)
 
     def calibrate(self) -> torch.Tensor:
         """Build the calibration windows; with ``calibration.summary``, describe them (Log event and the run summary)."""
-        from .calibration import SourceContext, calibration_data, calibration_summary, summary_line
 
         c = self.spec.calibration
         seqlen = self.seqlen_for(c.seqlen, "calibration.seqlen")

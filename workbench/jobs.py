@@ -15,8 +15,9 @@ from typing import Callable
 
 import torch
 
-from .backends.preview import preview_calibration  # moves to workbench.data with the data package
-from .engine import MAX_SEQLEN, Run, versions
+from .data.preview import preview_calibration
+from .data.windows import default_seqlen
+from .engine import Run, versions
 from .events import Emit, StageFinished, StageStarted
 from .host import base_hello, host_device
 from .models import check_requested_gpus, dtype_name, load_spec_model, model_summary, weight_matrix
@@ -69,7 +70,7 @@ def inspect_model(model, emit: Emit) -> dict:
     adapter = loaded.adapter
     summary = model_summary(loaded)
     size = torch.empty((), dtype=loaded.dtype).element_size()
-    seqlen = min(MAX_SEQLEN, adapter.context_length or MAX_SEQLEN)
+    seqlen = default_seqlen(adapter.context_length)
     summary["linear_shapes"] = {
         f"{adapter.layer_name(i)}.{name}": list(weight_matrix(module).shape)
         for i, layer in enumerate(adapter.layers) for name, module in adapter.linear_modules(layer).items()

@@ -204,7 +204,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import markdown_report, write_text_atomic
+    from workbench.files import write_text_atomic
+
+    from .report import markdown_report
 
     path = write_text_atomic(args.out, markdown_report(_load_runs(args.runs), title=args.title))
     print(f"report written to {path}")

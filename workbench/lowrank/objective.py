@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from workbench import corpora
+from workbench.data import corpora
 from workbench.errors import CANCEL_HINT, UserError
 from workbench.layerwise import Captured, Resident, capture_inputs
 from workbench.sweep import LayerSweep

@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from workbench.data.sources import EVALUATION_SETS as EVAL_DATASETS_BUILTIN  # noqa: F401  (re-exported)
+from workbench.data.sources import SELFGEN_CORPORA  # noqa: F401  (re-exported)
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-EVAL_DATASETS_BUILTIN = ("wikitext2", "c4", "books")
-CALIBRATION_BUILTIN = ("c4", "wikitext2", "random", "books", "selfgen")
-CALIBRATION_PREFIXES = ("file:", "hf:", "selfgen:", "mix:")
-# Seed corpora of self-generated calibration data: text sources, never an evaluation text.
-SELFGEN_CORPORA = ("wikitext2", "c4", "books")
 
 
 @dataclass
@@ -29,7 +27,7 @@ class ModelSpec:
 
 @dataclass
 class SelfGenSpec:
-    """``[calibration.selfgen]``: how ``selfgen`` makes its text (``workbench.selfgen``; defaults from Ji et al., ICLR 2025)."""
+    """``[calibration.selfgen]``: how ``selfgen`` makes its text (``workbench.data.selfgen``; defaults from Ji et al., ICLR 2025)."""
 
     corpus: str = "wikitext2"  # seed texts: wikitext2 (validation), c4 (train), books, file:PATH, hf:...
     prefix_tokens: int = 2  # k: generation starts from the first k tokens of each seed text

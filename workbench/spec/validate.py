@@ -14,8 +14,9 @@ from workbench.errors import UserError
 from workbench.registry import step_type
 
 from .checks import choice as _choice
-from .schema import (CALIBRATION_BUILTIN, CALIBRATION_PREFIXES, DTYPES, EVAL_DATASETS_BUILTIN, NESTED_TABLES, SECTIONS,
-                     SELFGEN_CORPORA, EvalSpec, RunSpec, SelfGenSpec)
+from workbench.data.sources import check_evaluation_set, check_seed_corpus, check_source
+
+from .schema import DTYPES, NESTED_TABLES, SECTIONS, EvalSpec, RunSpec, SelfGenSpec
 
 _TOP_KEYS = ("name", "description", "reference")
 
@@ -145,8 +146,7 @@ def validate(spec: RunSpec) -> RunSpec:
 
     e = spec.evaluate
     for ds in e.perplexity:
-        if ds not in EVAL_DATASETS_BUILTIN and not ds.startswith("file:"):
-            raise UserError(f"evaluate.perplexity: unknown dataset {ds!r}", f"allowed: {', '.join(EVAL_DATASETS_BUILTIN)}, file:PATH")
+        check_evaluation_set(ds, "evaluate.perplexity")
     if e.seqlen is not None and e.seqlen < 2:
         raise UserError(f"evaluate.seqlen = {e.seqlen} must be at least 2", "leave it out to use the model's context (capped at 2048)")
     if e.limit is not None and e.limit < 1:
@@ -171,29 +171,8 @@ def validate_evaluate(e: EvalSpec, where: str = "evaluate") -> None:
 
 
 def check_calibration_source(source: str, key: str = "calibration.source") -> None:
-    if isinstance(source, str) and source.startswith("mix:"):
-        from workbench.calibration import parse_mixture  # no torch
-
-        for part, _ in parse_mixture(source[len("mix:"):], key):
-            check_calibration_source(part, f"{key} (in the mixture)")
-        return
-    if isinstance(source, str) and source.startswith("selfgen:"):
-        check_seed_corpus(source[len("selfgen:"):], key)
-        return
-    if source in CALIBRATION_BUILTIN or any(source.startswith(p) and len(source) > len(p) for p in CALIBRATION_PREFIXES):
-        return
-    raise UserError(
-        f"{key} = {source!r} is not a calibration source",
-        f"allowed: {', '.join(CALIBRATION_BUILTIN)}, file:PATH, hf:NAME[:CONFIG]:SPLIT[:FIELD], selfgen:CORPUS, mix:SOURCE=FRACTION,...",
-    )
-
-
-def check_seed_corpus(corpus: str, key: str = "calibration.selfgen.corpus") -> None:
-    """Self-generated data starts from a text corpus: a bundled one, a local file or a Hub dataset."""
-    if corpus in SELFGEN_CORPORA or any(corpus.startswith(p) and len(corpus) > len(p) for p in ("file:", "hf:")):
-        return
-    raise UserError(f"{key}: {corpus!r} is not a seed corpus for selfgen",
-                    f"allowed: {', '.join(SELFGEN_CORPORA)}, file:PATH, hf:NAME[:CONFIG]:SPLIT[:FIELD]")
+    """A calibration source the registry knows (``workbench.data.sources``), written as it should be."""
+    check_source(source, key)
 
 
 def validate_selfgen(g: SelfGenSpec, where: str = "calibration.selfgen") -> None:

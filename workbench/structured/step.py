@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from workbench.data.sampling import text_documents
 from workbench.errors import UserError
 from workbench.events import LayerDone, Log, Progress, WarningEvent
 from workbench.observers import InputMoments
@@ -306,8 +307,6 @@ def _token_counts(tokenizer, source: str | None, tokens: torch.Tensor) -> torch.
     size = len(tokenizer)
     if source is None:
         return torch.bincount(tokens.reshape(-1), minlength=size)
-    from workbench.calibration import text_documents
-
     counts = torch.zeros(size, dtype=torch.long)
     documents = text_documents(source)
     for start in range(0, len(documents), 64):
