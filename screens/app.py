@@ -24,7 +24,7 @@ from .commands import WorkbenchCommands
 from .config import Config, load_config
 from .session import SCREEN_ORDER, Backend, Session
 from .state import JobState, UIState
-from .widgets import SCREENS, ConfirmModal, MessageModal
+from .widgets import SCREENS, ConfirmModal, HelpModal, MessageModal, binding_rows
 
 REPAINT = 0.05  # seconds: the most often the shown screen repaints from new worker data
 
@@ -58,8 +58,12 @@ class WorkbenchApp(App):
         Binding("ctrl+r", "run", "Run", priority=True, id="run.start"),
         Binding("ctrl+n", "guide_next", "Next", show=False, priority=True, id="guide.next"),
         Binding("ctrl+b", "guide_back", "Back", show=False, priority=True, id="guide.back"),
-        Binding("escape", "unfocus", "Leave field", show=False, id="app.unfocus"),
+        Binding("escape", "unfocus", "Leave the field (or end a guided walk)", show=False, id="app.unfocus"),
+        Binding("f1", "help", "Keys of this screen", show=False, priority=True, id="app.help"),
+        Binding("question_mark", "help", "Keys of this screen", id="app.help_key"),
+        Binding("ctrl+q", "quit", "Quit (asks first when work would be lost)", show=False, priority=True, id="app.quit"),
     ]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]  # a class on each screen: -short up to 29 rows
 
     def __init__(self, session: Session | None = None, *, preset: str = "quickstart", backend: Backend | None = None,
                  start_screen: str = "run",
@@ -174,7 +178,49 @@ class WorkbenchApp(App):
         self.switch_mode(name)
 
     def action_unfocus(self) -> None:
-        self.screen.set_focus(None)
+        """Leave the focused field; with nothing focused, end a guided walk."""
+        if self.screen.focused is not None:
+            self.screen.set_focus(None)
+        elif self.session.guide is not None:
+            self.end_guide()
+
+    def end_guide(self) -> None:
+        self.session.guide = None
+        self.state.changed.add("session")
+        self.schedule_repaint()
+        screen = self.screen
+        if hasattr(screen, "_show_guide"):
+            screen._show_guide()
+        self.notify(f"guided walk ended; Presets ({self.key_for('screen.presets', '7')}) starts another", timeout=4)
+
+    def action_help(self) -> None:
+        """The keys of the shown screen (and the guided walk's note for it)."""
+        if isinstance(self.screen, HelpModal):
+            return
+        screen = self.screen
+        guide = self.session.guide
+        note = guide.note(screen.NAME) if guide is not None and getattr(screen, "NAME", None) in SCREEN_ORDER else ""
+        title = getattr(screen, "TITLE", "") or screen.id or "this screen"
+        self.push_screen(HelpModal(title, binding_rows(screen), note))
+
+    async def action_quit(self) -> None:
+        """Quit, after asking when a job would stop or setup edits would be lost."""
+        running = [j for j in self.state.jobs.values() if j.active]
+        lost = []
+        if running:
+            what = ", ".join(f"{j.title} ({j.kind}, {j.progress():.0%} done)" for j in running[:3])
+            lost.append(f"{len(running)} job(s) stop: {what}. Their events so far stay in History.")
+        if self.session.edited:
+            lost.append("The setup's edits are not saved as a preset (Presets: s saves them).")
+        if not lost:
+            self.exit()
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.exit()
+
+        self.push_screen(ConfirmModal("Quit the workbench? " + " ".join(lost), "Quit", "Stay"), answer)
 
     async def action_run(self) -> None:
         """Run the current setup (after validating it) and show its progress."""
@@ -186,7 +232,7 @@ class WorkbenchApp(App):
         if self.bridge.busy():
             running = next(j for j in self.state.jobs.values() if j.active)
             self.notify(f"queued behind {running.title}; it starts when the worker is free", timeout=5)
-        job = await self.submit("run", spec.to_dict(), title=spec.name or self.session.preset or "run")
+        job = await self.submit("run", spec.to_dict(), title=spec.name)
         if job is not None:
             self.switch_mode("run")
 
@@ -242,10 +288,14 @@ class WorkbenchApp(App):
             except OSError as exc:
                 self.show_error(f"cannot write {path}: {exc}", "pick a folder you can write to", "The preset was not saved")
             else:
-                self.notify(f"saved {written}; run it headless with: workbench run {written}", timeout=8)
+                self.session_changed()
+                self.session.saved_revision = self.session.revision
+                self.notify(f"saved {written} as preset {self.session.run_name()!r}; run it headless with: "
+                            f"workbench run {written}", timeout=8)
 
-        default = f"{self.session.data.get('name') or self.session.preset or 'setup'}.toml"
-        self.push_screen(PromptModal("Save the setup as a preset file:", default), save)
+        default = f"{file_name(self.session.run_name())}.toml"
+        self.push_screen(PromptModal("Save the setup as a preset file (its name becomes the preset's name):", default,
+                                     required="the preset needs a file name"), save)
 
     def open_preset(self, name: str, guided: bool = True) -> bool:
         """Load a preset into the setup (a guided walk through the screens when ``guided``)."""
@@ -258,6 +308,13 @@ class WorkbenchApp(App):
         if guided:
             self.switch_mode(SCREEN_ORDER[0])
         return True
+
+
+def file_name(name: str) -> str:
+    """``name`` as a file name: letters, digits, ``.``, ``-`` and ``_``; runs of anything else become one ``-``."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-.") or "setup"
 
 
 def main(backend: Backend | None = None, preset: str = "quickstart") -> int:

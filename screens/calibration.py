@@ -386,7 +386,7 @@ class CalibrationScreen(WorkbenchScreen):
         self._edit_source()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        return self.kind == "mix" if action == "remove_part" else True
+        return self.kind == "mix" if action == "remove_part" else super().check_action(action, parameters)
 
     def action_remove_part(self) -> None:
         """Remove the highlighted mixture row."""
