@@ -222,12 +222,44 @@ class WorkbenchApp(App):
 
         self.push_screen(ConfirmModal("Quit the workbench? " + " ".join(lost), "Quit", "Stay"), answer)
 
+    def memory_findings(self) -> list:
+        """What the worker's machine cannot hold of a run of the setup, or may not (``workbench.memory_estimate``):
+        the model's sizes from its Inspect, else its config.json; the memory from the worker's report."""
+        from workbench.memory_estimate import Machine, ModelSize, check, model_size
+
+        s = self.session
+        model = s.data.get("model") if isinstance(s.data.get("model"), dict) else {}
+        nsamples, seqlen = s.get("calibration.nsamples", 128), s.get("calibration.seqlen")
+        if not s.data.get("steps") or not isinstance(nsamples, int) or nsamples < 1:
+            return []
+        seqlen = seqlen if isinstance(seqlen, int) and seqlen > 1 else None
+        worker = next((w for w in self.state.workers.values() if w.status == "ready"), None)
+        machine = Machine.from_devices(worker.devices) if worker is not None else None
+        device = str(model.get("device") or "auto")
+        inspected = [j for j in self.state.jobs.values() if j.kind == "inspect" and j.status == "finished" and j.result
+                     and (j.spec.get("model") or {}).get("name", "demo") == model.get("name", "demo")
+                     and (j.spec.get("model") or {}).get("dtype", "auto") == model.get("dtype", "auto")]
+        size = ModelSize.from_inspect(max(inspected, key=lambda j: j.submitted).result) if inspected else None
+        if size is None:
+            on_gpu = device.startswith("cuda") or (device == "auto" and bool(machine and machine.gpus))
+            size = model_size(model, on_gpu)
+        if size is None:
+            return []
+        eval_seqlen = s.get("evaluate.seqlen")
+        return check(size, machine, nsamples=nsamples, seqlen=seqlen, device=device,
+                     offload=s.get("calibration.offload_activations", False) is True,
+                     eval_seqlen=eval_seqlen if isinstance(eval_seqlen, int) else None)
+
     async def action_run(self) -> None:
-        """Run the current setup (after validating it) and show its progress."""
+        """Run the current setup (after validating it, and checking the worker's machine can hold it)."""
         try:
             spec = self.session.spec()
         except UserError as exc:
             self.show_error(exc.message, exc.hint, "The setup is not valid yet")
+            return
+        cannot = [f for f in self.memory_findings() if f.level == "problem"]
+        if cannot:
+            self.show_error(f"{cannot[0].key}: {cannot[0].message}", cannot[0].hint, "The setup cannot run on this machine")
             return
         if self.bridge.busy():
             running = next(j for j in self.state.jobs.values() if j.active)
