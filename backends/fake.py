@@ -35,6 +35,9 @@ Steps follow the engine's stages and events:
 - ``vocab``: stage ``vocab:I`` (a progress event per layer) that keeps
   ``size`` tokens of the fake's 8256.
 
+A run with ``export.save`` writes a folder holding only ``compression.json``
+(see ``FakeRun.export``), so the UI can evaluate the kept model.
+
 Perplexity after the steps is ``compressed_perplexity`` of each step's
 *effective sparsity*: the pruning target; ``1 - retention`` for low-rank;
 the fraction of decoder layers removed for depth; the fraction of linear
@@ -497,10 +500,41 @@ class FakeRun:
                   "headline": {"vocabulary": f"{before} -> {size} tokens"}}
         return report, 2 * (before - size) * HIDDEN / params
 
+    def export_folder(self):
+        """Where the export goes: ``export.out``, else ``WORKBENCH_HOME/runs/RUN/model``. A folder with other files
+        is refused, and an earlier export is replaced only with ``export.overwrite``, before the run starts."""
+        from pathlib import Path
+
+        from workbench.history import workbench_home
+
+        x = self.spec.export
+        out = Path(x.out).expanduser() if x.out else workbench_home() / "runs" / self.run_id / "model"
+        if out.is_dir() and any(out.iterdir()):
+            if not (out / "compression.json").is_file():
+                raise UserError(f"export.out = '{out}' holds files that are not a workbench export",
+                                "pick an empty or new folder")
+            if not x.overwrite:
+                raise UserError(f"export.out = '{out}' holds an earlier export",
+                                "set export.overwrite = true to replace it, or pick another folder")
+        return out
+
+    def export(self) -> str:
+        """A folder as the engine's export leaves it, holding only ``compression.json`` (no weights)."""
+        import json
+
+        out = self.export_folder()
+        self.stage("export", f"Saving to {out}", None, lambda i: None)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compression.json").write_text(json.dumps({"run_id": self.run_id, "fake": True,
+                                                          "steps": [s.get("label") for s in self.steps]}) + "\n")
+        return str(out)
+
     def execute(self) -> dict:
         t0 = time.perf_counter()
         spec = self.spec
         self.emit(RunStarted(run_id=self.run_id, spec=spec.to_dict()))
+        if spec.export.save:
+            self.export_folder()  # a folder it may not write to fails now, not after the work
         self.stage("load", f"Loading {spec.model.name}", None, lambda i: None)
         self.emit(Log(message=f"LlamaForCausalLM with {self.options.layers} layers (fake worker: nothing is computed)"))
         if spec.steps:
@@ -512,13 +546,12 @@ class FakeRun:
             self.compress(i, step)
         if spec.steps:
             self.evaluate("after")
-        if spec.export.save:
-            self.emit(Log(message="fake worker: nothing was exported", level="warning"))
+        exported = self.export() if spec.export.save else None
         summary = {
             "run_id": self.run_id, "name": spec.name, "spec": spec.to_dict(),
             "model": {"architecture": "LlamaForCausalLM", "num_layers": self.options.layers, "fake": True},
             "calibration": None, "steps": self.steps, "structure": [], "metrics": self.metrics, "timings": self.timings,
-            "export": None, "versions": {"workbench": __version__, "fake": True},
+            "export": exported, "versions": {"workbench": __version__, "fake": True},
             "seconds": round(time.perf_counter() - t0, 3),
         }
         self.emit(RunFinished(run_id=self.run_id, summary=summary, seconds=summary["seconds"]))

@@ -145,6 +145,7 @@ class ExportSpec:
     save: bool = False
     out: str | None = None  # None: a folder in the run's directory
     dtype: str = "auto"  # auto: the checkpoint's dtype
+    overwrite: bool = False  # replace an existing folder at out, only if it is itself a workbench export
 
 
 @dataclass
