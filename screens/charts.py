@@ -23,6 +23,7 @@ from textual_plotext import PlotextPlot
 
 MAX_POINTS = 200
 X_TICKS = 5  # at most this many labelled ticks on an x axis: more do not fit 38 columns
+MARKERS = ("o", "x", "+", "*", "#", "@")  # one per series of a chart with markers
 DIVERGED = 1e12  # the objective a search records for a diverged trial: plotted, it would flatten the rest
 
 
@@ -167,16 +168,17 @@ class CurveChart(Chart):
     """One line per named series (e.g. perplexity versus sparsity for several methods)."""
 
     def update_series(self, series: Mapping[str, Sequence[tuple[float, float]]], *, title: str = "", xlabel: str = "",
-                      ylabel: str = "", logy: bool = False) -> None:
+                      ylabel: str = "", logy: bool = False, markers: bool = False) -> None:
         """Draw each series as a line, labelled by its name when there are several.
 
         With ``logy`` the y axis is logarithmic and points with y <= 0 are
-        left out.
+        left out. With ``markers`` each series' points get a marker of their
+        own (``MARKERS``) and the legend names every series, even a single one.
         """
         # plotext's own log scale transforms the data in place at every build (each repaint), so the
         # logarithm is taken here and the ticks are labelled with the original values.
         series = {name: [(float(x), float(y)) for x, y in points] for name, points in series.items()}
-        if not self.changed((tuple((n, tuple(p)) for n, p in series.items()), title, xlabel, ylabel, logy)):
+        if not self.changed((tuple((n, tuple(p)) for n, p in series.items()), title, xlabel, ylabel, logy, markers)):
             return
         drawn = {name: [(x, y) for x, y in points if math.isfinite(y) and (y > 0 or not logy)]
                  for name, points in series.items()}
@@ -188,10 +190,14 @@ class CurveChart(Chart):
             drawn = {name: [(x, math.log10(y)) for x, y in points] for name, points in drawn.items()}
         self.start(title)
         plt = self.plt
-        for name, points in drawn.items():
+        for i, (name, points) in enumerate(drawn.items()):
             points = downsample(points)
-            plt.plot([x for x, _ in points], [y for _, y in points], marker="braille",
-                     label=name if len(drawn) > 1 else None)
+            xs, ys = [x for x, _ in points], [y for _, y in points]
+            if markers:
+                plt.plot(xs, ys, marker="braille")
+                plt.scatter(xs, ys, marker=MARKERS[i % len(MARKERS)], label=f"{MARKERS[i % len(MARKERS)]} {name}")
+            else:
+                plt.plot(xs, ys, marker="braille", label=name if len(drawn) > 1 else None)
         plt.xfrequency(X_TICKS)
         if logy:
             ys = [y for points in drawn.values() for _, y in points]

@@ -19,6 +19,7 @@ from textual.widgets import ContentSwitcher, DataTable, ProgressBar, RichLog, St
 
 from .base import WorkbenchScreen
 from .charts import LayerChart, TrialChart
+from .protocol import protocol_text
 from .state import JobState, WorkerState
 from .widgets import human_bytes, human_seconds
 
@@ -44,14 +45,20 @@ def planned_trials(job: JobState, stage: str) -> int | None:
 
 
 def metric_lines(metrics: list[dict]) -> list[str]:
-    """One line per (metric, dataset): ``wikitext2 perplexity 30.00 → 60.00``; accuracies with their stderr."""
+    """One line per (metric, dataset): ``wikitext2 perplexity 30.00 → 60.00 (512 tok × 40 win)``, a perplexity with
+    its protocol (each phase's when they differ); accuracies with their stderr."""
     groups: dict[tuple, dict[str, dict]] = {}
     for m in metrics:
         groups.setdefault((m.get("name"), m.get("dataset")), {})[m.get("phase") or "after"] = m
     lines = []
     for (name, dataset), phases in groups.items():
-        shown = [fmt_metric(phases[p]) for p in ("before", "after") if p in phases]
-        lines.append(f"{dataset} {name} " + " → ".join(shown))
+        shown = [phases[p] for p in ("before", "after") if p in phases]
+        protocols = {protocol_text(m) for m in shown}
+        if len(protocols) > 1:
+            lines.append(f"{dataset} {name} " + " → ".join(f"{fmt_metric(m)} ({protocol_text(m)})" for m in shown))
+        else:
+            line = f"{dataset} {name} " + " → ".join(fmt_metric(m) for m in shown)
+            lines.append(line + (f" ({protocols.pop()})" if protocols and next(iter(protocols)) else ""))
     return lines
 
 
