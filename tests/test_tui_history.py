@@ -216,3 +216,51 @@ async def test_a_failed_run_shows_its_error_and_the_layers_it_finished():
         assert "out_of_memory" in error and "tried to allocate 2.00 GiB" in error and "use fewer calibration samples" in error
         assert detail.layer_values == [0.7, 0.7, 0.7] + [None] * (LAYERS - 3)
         assert _table(detail, "#detail-metrics") == [["", "no metrics recorded", "", "", ""]]
+
+
+def _metric(run_id: str, history: History, phase: str, value: float, windows: int, seqlen: int = 512) -> None:
+    history.add_event(run_id, {"type": "metric", "name": "perplexity", "dataset": "wikitext2", "phase": phase,
+                               "value": value, "seqlen": seqlen, "windows": windows})
+
+
+@async_test
+async def test_compare_across_protocols_keeps_rows_apart_and_takes_the_dense_value_measured_the_same_way():
+    dense_spec = spec_from_dict({"name": "dense", "steps": []}).to_dict()
+    pruned_spec = spec_from_dict({"name": "pruned", "steps": [{"type": "prune", "method": "sparsegpt", "sparsity": 0.6}]}).to_dict()
+    lowrank_spec = spec_from_dict({"name": "factored", "steps": [{"type": "lowrank", "retention": 0.8}]}).to_dict()
+    with History() as history:
+        history.create_run("20250101-000000-den001", dense_spec, name="dense", model="demo")
+        _metric("20250101-000000-den001", history, "before", 30.0, windows=40)  # the baseline: 40 windows
+        history.finish_run("20250101-000000-den001", {"steps": []})
+        history.create_run("20250101-000001-pru002", pruned_spec, name="pruned", model="demo")
+        _metric("20250101-000001-pru002", history, "before", 31.0, windows=16)  # this run measured 16 windows
+        _metric("20250101-000001-pru002", history, "after", 60.0, windows=16)
+        _metric("20250101-000001-pru002", history, "eval", 55.0, windows=8)  # evaluated later on 8 windows
+        history.finish_run("20250101-000001-pru002", {"steps": [{"label": "sparsegpt 60%", "sparsity": 0.6}]})
+        history.create_run("20250101-000002-low003", lowrank_spec, name="factored", model="demo")
+        _metric("20250101-000002-low003", history, "after", 45.0, windows=40)
+        history.finish_run("20250101-000002-low003", {"steps": [{"label": "lowrank 80%", "sparsity": 0.2}]})
+    app = make_app(start_worker=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _show(pilot, app, "history")
+        await wait_for(pilot, lambda: len(_column(screen, "id")) == 3, what="the three runs")
+        # the history names each perplexity's protocol (tokens × windows): 16 and 8 windows for the same model
+        pruned_row = _column(screen, "perplexity")[1]
+        assert "30" not in pruned_row and "(512×16)" in pruned_row and "(512×8)" in pruned_row
+        screen.query_one("#history-table").focus()
+        await pilot.press("space", "space", "space", "c")
+        await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), what="the comparison")
+        rows = {r[0]: r[1:] for r in _table(app.screen, "#compare-table")}
+        # one row per protocol; the dense column holds the baseline's 40-window value, and the pruned run's own
+        # 16-window measurement before compressing (marked *) where the baseline has none
+        assert rows["perplexity wikitext2 (512 tok × 40 win)"] == ["30.00", "-", "45.00 (+15.00)"]
+        assert rows["perplexity wikitext2 (512 tok × 16 win)"] == ["31.00 *", "60.00 (+29.00)", "-"]
+        eight = rows["perplexity wikitext2 (512 tok × 8 win) (no dense value: no delta)"]
+        assert eight == ["-", "55.00", "-"]  # no dense value measured on 8 windows: no delta
+        notes = str(app.screen.query_one("#compare-notes").render())
+        assert "wikitext2 was measured 3 ways" in notes and "* the dense model as pruned" in notes
+        # the chart: one series per method, never a line from sparsegpt to lowrank
+        series = app.screen.series["perplexity"]
+        assert set(series) == {"sparsegpt · wikitext2 512 tok × 16 win", "sparsegpt · wikitext2 512 tok × 8 win",
+                               "lowrank · wikitext2 512 tok × 40 win"}
+        assert series["lowrank · wikitext2 512 tok × 40 win"] == [(0.0, 30.0), (0.2, 45.0)]
