@@ -26,7 +26,10 @@ Steps follow the engine's stages and events:
   event per layer), and ``search`` then ``lowrank:I:search``: ``trials``
   complete ``Trial`` events of ``--fake-delay`` seconds each, trial n with
   the objective ``trial_objective(n)`` and the ratios ``trial_ratios``; its
-  step report holds ``search.best`` like the engine's;
+  step report holds ``search.best`` like the engine's. Finished trials are
+  kept in a journal named by ``WORKBENCH_HOME/runs/RUN/search/study.json``
+  (as the engine's study is), and a run whose step's ``storage`` is that
+  journal reports them at once and runs only the rest (a resumed search);
 - ``depth``: stage ``depth:I`` (a progress event per layer, as the scoring
   criteria do) that removes the layers just before the last one (the last
   ones for criterion ``last``); later steps see fewer layers;
@@ -160,7 +163,7 @@ class FakeJobs:
         ids = ["0"] if visible is None else [d for d in visible.split(",") if d.strip()]
         free = max(GIB, FAKE_GPU_MEMORY - GIB - self.used)
         return [host_device()] + [{"kind": "cuda", "index": index, "name": f"Fake GPU {gpu}", "total": FAKE_GPU_MEMORY,
-                                   "free": free} for index, gpu in enumerate(ids)]
+                                   "free": free, "process": GIB + self.used} for index, gpu in enumerate(ids)]
 
     def execute(self, job: Job, emit: Emit, cancel: Callable[[], bool]) -> dict:
         if job.kind == "inspect":
@@ -224,7 +227,8 @@ class FakeRun:
         self.layers, self.shapes, self.vocab = self.options.layers, dict(LINEARS), VOCAB
         self.heads, self.kv_heads = HEADS, KV_HEADS
 
-    def stage(self, name: str, title: str, total: int | None, work: Callable[[int], None], failing: bool = False) -> None:
+    def stage(self, name: str, title: str, total: int | None, work: Callable[[int], None], failing: bool = False,
+              start: int = 0, before: Callable[[], None] | None = None) -> None:
         """One stage of ``total`` units; ``work(i)`` runs after each unit's delay.
 
         In a ``failing`` stage the injected failure strikes at the start of its
@@ -232,8 +236,10 @@ class FakeRun:
         event always fails, however fast a cancel arrives.
         """
         self.emit(StageStarted(stage=name, title=title, total=total))
+        if before is not None:
+            before()
         t0 = time.perf_counter()
-        for i in range(total or 1):
+        for i in range(start, total or 1):
             if failing:
                 self.maybe_fail(i)
             self.unit(i)
@@ -389,11 +395,24 @@ class FakeRun:
         else:
             groups = [f"layer_{i:0{len(str(self.layers - 1))}d}" for i in range(self.layers)]
         study = step.study or f"{self.spec.name}-{index}-fake"
-        self.emit(Log(message=f"study {study!r} (fake worker: nothing is stored)"))
+        # the study's finished trials go to a journal (one JSON line each) beside a marker in the run's folder, as the
+        # engine's do, so a cancelled search resumes from them: a run whose step names the journal as its storage
+        import json
+        from pathlib import Path
+
+        from workbench.history import workbench_home
+
+        folder = workbench_home() / "runs" / self.run_id / "search"
+        journal = Path(step.storage) if step.storage else folder / "study.journal"
+        folder.mkdir(parents=True, exist_ok=True)
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        (folder / "study.json").write_text(json.dumps({"storage": str(journal), "study": study}) + "\n")
+        finished = [int(line) for line in journal.read_text().split()] if journal.is_file() else []
+        self.emit(Log(message=f"study {study!r} in {journal} (fake worker: {len(finished)} trial(s) finished before)"))
         best: dict = {}
         metrics: dict[int, dict] = {}
 
-        def trial(n: int) -> None:
+        def trial(n: int, again: bool = False) -> None:
             objective, kl = trial_objective(n), 50.0 / (n + 1)
             params = trial_ratios(n, groups, step.ratio_min, step.ratio_max)
             if not best or objective < best["objective"]:
@@ -403,15 +422,25 @@ class FakeRun:
                             metrics=metrics[n], seconds=self.options.delay, best=dict(best)))
             self.emit(Progress(stage=name, done=n + 1, total=trials,
                                detail=f"best {best['objective']:.3f} (trial {best['number']})"))
+            if not again:
+                with journal.open("a") as f:
+                    f.write(f"{n}\n")
 
-        self.stage(name, f"Rank search: {trials} trials ({step.sampler}, {step.space} space)", trials, trial, failing=True)
+        done = min(len(finished), trials)
+
+        def replay() -> None:  # the finished trials of a resumed study, reported at once as the engine's poll does
+            for n in range(done):
+                trial(n, again=True)
+
+        self.stage(name, f"Rank search: {trials} trials ({step.sampler}, {step.space} space)", trials, trial, failing=True,
+                   start=done, before=replay)
         chosen = metrics[best["number"]]
         return {"best": {"number": best["number"], "objective": best["objective"], "sequential_objective": best["objective"],
                          "ratios": best["params"]},
                 "finalists": [{"number": best["number"], "search_objective": best["objective"],
                                "sequential_objective": best["objective"], "perplexity": chosen["perplexity"],
                                "kl": chosen["kl"]}],
-                "kendall_tau": None, "study": study, "storage": "fake (nothing stored)", "space": step.space,
+                "kendall_tau": None, "study": study, "storage": str(journal), "space": step.space,
                 "sampler": step.sampler, "trials": trials}
 
     # ---------------------------------------------------------------- structured

@@ -140,10 +140,20 @@ def host_memory() -> tuple[int, int]:
         return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
 
 
+def process_rss() -> int | None:
+    """This process's resident memory in bytes (None where /proc cannot tell)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def host_device() -> dict:
-    """The host as an entry of ``devices``: its memory now."""
+    """The host as an entry of ``devices``: its memory now, and (``process``) the worker's own resident memory."""
     total, free = host_memory()
-    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "total": total, "free": free}
+    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "total": total, "free": free,
+            "process": process_rss()}
 
 
 def base_hello() -> dict:
@@ -188,7 +198,7 @@ class EngineJobs:
             for index in range(torch.cuda.device_count()):
                 free, total = torch.cuda.mem_get_info(index)
                 devices.append({"kind": "cuda", "index": index, "name": torch.cuda.get_device_name(index),
-                                "total": int(total), "free": int(free)})
+                                "total": int(total), "free": int(free), "process": int(torch.cuda.memory_reserved(index))})
         return devices
 
     def execute(self, job: Job, emit: Emit, cancel: Callable[[], bool]) -> dict:

@@ -60,7 +60,7 @@ class WorkbenchApp(App):
         Binding("ctrl+b", "guide_back", "Back", show=False, priority=True, id="guide.back"),
         Binding("escape", "unfocus", "Leave the field (or end a guided walk)", show=False, id="app.unfocus"),
         Binding("f1", "help", "Keys of this screen", show=False, priority=True, id="app.help"),
-        Binding("question_mark", "help", "Keys of this screen", id="app.help_key"),
+        Binding("question_mark", "help", "Help", id="app.help_key"),
         Binding("ctrl+q", "quit", "Quit (asks first when work would be lost)", show=False, priority=True, id="app.quit"),
     ]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]  # a class on each screen: -short up to 29 rows

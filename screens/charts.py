@@ -137,18 +137,18 @@ class TrialChart(Chart):
     """A search's trials: each finished trial's objective, and the best so far."""
 
     def update_trials(self, trials: Sequence[tuple[int, float | None]], *,
-                      title: str = "trials (objective, lower is better)") -> None:
+                      title: str = "trials (objective, lower is better)", waiting: str | None = None) -> None:
         """``trials``: ``(number, objective)``; ``None`` (a failed or pruned trial) and diverged values are skipped.
 
         Trials are drawn by number; the line is the running minimum of the
         objectives in that order.
         """
         trials = [(int(n), o) for n, o in trials]
-        if not self.changed((tuple(trials), title)):
+        if not self.changed((tuple(trials), title, waiting)):
             return
         finished = sorted((n, float(o)) for n, o in trials if o is not None and math.isfinite(o) and o < DIVERGED)
         if not finished:
-            self.empty(title, "no finished trial yet" if trials else "no trials yet")
+            self.empty(title, "no finished trial yet" if trials else waiting or "no trials yet")
             return
         self.start(title)
         plt = self.plt

@@ -100,7 +100,7 @@ class HistoryScreen(WorkbenchScreen):
         Binding("space", "mark", "Mark", id="history.mark"),
         Binding("c", "compare", "Compare", id="history.compare"),
         Binding("r", "rerun", "Re-run", id="history.rerun"),
-        Binding("e", "export", "Export spec", id="history.export"),
+        Binding("e", "export", "Export", id="history.export"),
     ]
 
     def __init__(self):

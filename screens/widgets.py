@@ -285,19 +285,23 @@ class PromptModal(ModalScreen[str | None]):
 
 
 def binding_rows(screen) -> list[tuple[str, str, str]]:
-    """(where, key as shown, what it does) of every key that works on ``screen`` now, the screen's own first."""
+    """(where, keys as shown, what they do) of every key that works on ``screen`` now, the focused widget's first."""
     app = screen.app
-    rows, seen = [], set()
+    found: dict[tuple, list] = {}  # (node, action) -> [keys, description]
     for key, active in screen.active_bindings.items():
         binding = active.binding
-        if not binding.description or not active.enabled or (binding.action, binding.description) in seen:
+        if not binding.description or not active.enabled:
             continue
-        seen.add((binding.action, binding.description))
-        node = active.node
+        entry = found.setdefault((id(active.node), binding.action), [[], "", active.node])
+        shown = app.get_key_display(binding)
+        if shown not in entry[0]:
+            entry[0].append(shown)
+        if len(binding.description) > len(entry[1]):
+            entry[1] = binding.description
+    rows = []
+    for keys, description, node in found.values():
         where = "everywhere" if node is app else ("this screen" if node is screen else "the focused field")
-        keys = [k for k, a in screen.active_bindings.items() if a.binding.action == binding.action and a.node is node]
-        rows.append((where, " / ".join(app.get_key_display(screen.active_bindings[k].binding) for k in keys),
-                     binding.description))
+        rows.append((where, " / ".join(keys), description))
     order = {"the focused field": 0, "this screen": 1, "everywhere": 2}
     return sorted(rows, key=lambda r: order[r[0]])
 

@@ -56,6 +56,18 @@ def test_eta_scales_the_elapsed_time_by_the_fraction_left():
     assert JobState("j", "run", spec=SPEC, status="queued").eta(now=5.0) is None
 
 
+def test_eta_counts_down_while_a_stage_reports_nothing_instead_of_growing():
+    stages = {n: finished(n) for n in ("load", "calibrate", "evaluate:before")}
+    stages["prune:0"] = StageState("prune:0", total=8, done=2)  # progress 0.65
+    job = job_with(stages, started=100.0)
+    first = job.eta(now=113.0)
+    assert first == pytest.approx(13.0 * 0.35 / 0.65)
+    assert job.eta(now=118.0) == pytest.approx(first - 5.0)  # no progress for 5 s: 5 s less, not more
+    assert job.eta(now=1000.0) == 0.0
+    stages["prune:0"].done = 4  # progress again: a fresh estimate from the time so far
+    assert job.eta(now=1000.0) == pytest.approx(900.0 * (1 - job.progress()) / job.progress())
+
+
 def test_stage_eta_from_its_rate():
     stage = StageState("prune:0", total=8, done=2, started=10.0)
     assert stage.eta(now=14.0) == pytest.approx(6 / (2 / 4))  # 2 units in 4 s, 6 left
