@@ -52,11 +52,17 @@ def downsample(points: Sequence[tuple[float, float]], limit: int = MAX_POINTS) -
 
 
 def integer_ticks(first: int, last: int, count: int = X_TICKS) -> list[int]:
-    """Up to ``count`` evenly spread integers from ``first`` to ``last``, both included."""
+    """Up to ``count`` integers from ``first``, evenly spaced by a round step (1, 2, 5, 10, 20, 50...), up to
+    ``last``; ``last`` itself too when it is more than half a step past the last of them."""
     if last <= first:
         return [first]
-    count = min(count, last - first + 1)
-    return sorted({round(first + (last - first) * i / (count - 1)) for i in range(count)})
+    step = 1
+    while (last - first) / step > count - 1:
+        step = next(s for s in (2 * step, 5 * step // 2, 5 * step) if s > step and (str(s)[0] in "125"))
+    ticks = list(range(first, last + 1, step))
+    if last - ticks[-1] > step / 2:
+        ticks.append(last)
+    return ticks
 
 
 class Chart(PlotextPlot):
@@ -96,7 +102,21 @@ class Chart(PlotextPlot):
 
 
 class LayerChart(Chart):
-    """Per-layer bars (e.g. sparsity) that fill in layer by layer."""
+    """Per-layer bars (e.g. sparsity) that fill in layer by layer, a blank column between bars where there is room."""
+
+    _args: tuple | None = None
+
+    def bar_width(self, count: int) -> float:
+        """The bars' width (a fraction of a layer's columns) that leaves at least one blank column between them."""
+        columns = max(1, self.size.width - 6) / max(1, count)  # the plot beside its y axis labels
+        if columns < 3:
+            return 1.0  # too narrow for gaps: the bars touch rather than thin out to nothing
+        return max(0.3, min(0.8, (columns - 2.2) / columns))
+
+    def on_resize(self, event) -> None:
+        if self._args is not None:  # the gaps depend on the width: draw the same data again
+            values, total, target, title, ylabel = self._args
+            self.update_layers(values, total=total, target=target, title=title, ylabel=ylabel)
 
     def update_layers(self, values: Sequence[float | None], *, total: int | None = None, target: float | None = None,
                       title: str = "sparsity per layer", ylabel: str = "sparsity") -> None:
@@ -107,7 +127,8 @@ class LayerChart(Chart):
         line; the y axis spans 0..1 when every value (and the target) does.
         """
         values = list(values)
-        if not self.changed((tuple(values), total, target, title, ylabel)):
+        self._args = (values, total, target, title, ylabel)
+        if not self.changed((tuple(values), total, target, title, ylabel, self.size.width)):
             return
         bars = [(i, float(v)) for i, v in enumerate(values) if v is not None]
         if not bars:
@@ -116,8 +137,8 @@ class LayerChart(Chart):
         self.start(title)
         plt = self.plt
         xs, ys = zip(*bars)
-        plt.bar(list(xs), list(ys), width=0.8)
         count = max(total or 0, len(values))
+        plt.bar(list(xs), list(ys), width=self.bar_width(count))
         plt.xlim(-0.5, count - 0.5)
         ticks = integer_ticks(0, count - 1)
         plt.xticks(ticks, [str(t) for t in ticks])
