@@ -197,7 +197,7 @@ class CalibrationScreen(WorkbenchScreen):
         self.kind = parse_source(str(self.app.session.get("calibration.source", "c4")))[0]
         with TabbedContent(id="calibration-tabs"):
             with TabPane("Source", id="tab-source"):
-                with VerticalScroll(classes="form"):
+                with VerticalScroll(classes="form", can_focus=False):  # its fields take the focus
                     yield from self._line("Source", Select([(t, k) for k, t in KINDS], value=self.kind, allow_blank=False,
                                                            compact=True, id="source-kind"))
                     with Horizontal(classes="line", id="arg-line"):
@@ -229,7 +229,7 @@ class CalibrationScreen(WorkbenchScreen):
                     yield Static("", id="source-string", classes="note")
                     yield Static("", id="problem-source", classes="problem")
             with TabPane("Self-generation", id="tab-selfgen"):
-                with VerticalScroll(classes="form"):
+                with VerticalScroll(classes="form", can_focus=False):  # its fields take the focus
                     yield Static("", id="selfgen-note", classes="note")
                     for i in range(0, len(SELFGEN_FIELDS), 2):
                         with Horizontal(classes="line"):
@@ -238,7 +238,7 @@ class CalibrationScreen(WorkbenchScreen):
                                 yield self._input(f)
                     yield Static("", id="problem-selfgen", classes="problem")
             with TabPane("Preview", id="tab-preview"):
-                with VerticalScroll(classes="form"):
+                with VerticalScroll(classes="form", can_focus=False):  # its fields take the focus
                     with Horizontal(classes="line"):
                         yield Button(f"Preview ({self.app.key_for('calibration.preview', 'ctrl+l')})", compact=True, id="preview")
                         yield Static("", id="preview-status")

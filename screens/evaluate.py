@@ -231,6 +231,7 @@ class EvaluateScreen(WorkbenchScreen):
         self._stale = True  # read the history's runs again at the next repaint
         self.hidden: dict = {}
         self._filling = False
+        self._confirmed_out: Path | None = None
 
     # ------------------------------------------------------------------ layout
     def compose_body(self) -> ComposeResult:
@@ -284,6 +285,7 @@ class EvaluateScreen(WorkbenchScreen):
     def on_mount(self) -> None:
         # attach results to their run even while another screen is shown (on_state runs only while this one is)
         self.app.changed.subscribe(self, self._attach_finished)
+        self.query_one("#eval-jobs").display = False
         self._fill_run_settings()
 
     # ------------------------------------------------------------------ targets
@@ -463,14 +465,18 @@ class EvaluateScreen(WorkbenchScreen):
     def _check_out_folder(self, path_text: str) -> None:
         """Ask about an export folder that exists and holds files (a run would replace or refuse it)."""
         path = Path(path_text.strip()).expanduser()
-        if not path_text.strip() or not path.is_dir() or not any(path.iterdir()):
+        if not path_text.strip() or not path.is_dir() or not any(path.iterdir()) or path == self._confirmed_out:
             return
+        if any(isinstance(s, ConfirmModal) for s in self.app.screen_stack):
+            return  # asked already (enter, then the focus leaving the field)
         earlier = (path / "compression.json").is_file()
         what = "an earlier workbench export" if earlier else "files that are not a workbench export"
         then = ("a run replaces it only with overwrite on" if earlier else "a run refuses to export there")
 
         def answer(yes: bool | None) -> None:
-            if not yes:
+            if yes:
+                self._confirmed_out = path  # asked once per folder
+            else:
                 self.query_one("#run-out", Input).value = ""
 
         self.app.push_screen(ConfirmModal(f"{path} exists and holds {what}: {then}. Export there?", "Use it",
@@ -557,6 +563,7 @@ class EvaluateScreen(WorkbenchScreen):
             self._jobs_shown = shown
             options = self.query_one("#eval-jobs", OptionList)
             options.set_options(Option(f"{_ICONS.get(j.status, '?')} {j.title}", id=j.id) for j in jobs)
+            options.display = bool(jobs)  # an empty list is no place for the focus
             if self.selected is not None:
                 options.highlighted = options.get_option_index(self.selected)
         if self.selected in changes:

@@ -162,7 +162,7 @@ class ModelScreen(WorkbenchScreen):
         dtype = dtype if dtype in DTYPES else Select.NULL  # blank for a value that is not a dtype (the validator names it)
         with TabbedContent(id="model-tabs"):
             with TabPane("Model", id="tab-model"):
-                with VerticalScroll(classes="form"):
+                with VerticalScroll(classes="form", can_focus=False):  # its fields take the focus
                     yield from self._line("Source", Select([(t, k) for k, t in SOURCES], value=self.kind, allow_blank=False,
                                                            compact=True, id="model-source"))
                     browse = f"Browse ({self.app.key_for('model.browse', 'ctrl+o')})"
@@ -179,7 +179,7 @@ class ModelScreen(WorkbenchScreen):
                     yield Static("", id="problem-trust", classes="problem")
                     yield Static(TRUST_WARNING, id="trust-warning", classes="warning")
             with TabPane("Backend", id="tab-backend"):
-                with VerticalScroll(classes="form"):
+                with VerticalScroll(classes="form", can_focus=False):  # its fields take the focus
                     yield from self._line("Where", Input(placeholder="local or ssh://[user@]host[:port]", compact=True,
                                                          id="backend-where"))
                     yield from self._line("GPUs", Input(placeholder="inherit; 0 | 0,1 | 0+1", compact=True, id="backend-gpus"))
@@ -190,7 +190,7 @@ class ModelScreen(WorkbenchScreen):
                     yield Static("", id="workers")
                     yield Static(BACKEND_HELP, id="backend-help", classes="note")
             with TabPane("Inspect", id="tab-inspect"):
-                with VerticalScroll(classes="form"):
+                with VerticalScroll(classes="form", can_focus=False):  # its fields take the focus
                     with Horizontal(classes="line"):
                         yield Button(f"Inspect ({self.app.key_for('model.inspect', 'ctrl+l')})", compact=True, id="inspect")
                         yield Static("", id="inspect-status")

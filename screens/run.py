@@ -205,23 +205,23 @@ class RunScreen(WorkbenchScreen):
         key = self.app.key_for("run.start", "ctrl+r")
         problem = self.app.session.problem()
         if problem is not None:
-            ready.update(f"[b]No run yet.[/] The setup is not valid yet: {escape(problem.message)}\n"
-                         + (f"What to do: {escape(problem.hint)}\n" if problem.hint else "")
-                         + "Fix it on the Model, Calibration or Compression screen.")
+            text = (f"[b]No run yet.[/] The setup is not valid yet: {escape(problem.message)}\n"
+                    + (f"What to do: {escape(problem.hint)}\n" if problem.hint else "")
+                    + "Fix it on the Model, Calibration or Compression screen.")
         else:
             spec = self.app.session.spec()
             e, x = spec.evaluate, spec.export
             measures = ", ".join(e.perplexity) + (f" ({e.limit} windows)" if e.limit else " (every window)") \
                 if e.perplexity else "no perplexity"
             keeps = f"exported to {x.out or 'the run folder'}" if x.save else "not exported"
-            ready.update(f"[b]Ready to run[/] {escape(spec.name)}\n{escape(spec.summary())}\n"
-                         f"measures {escape(measures)} · model {escape(keeps)} "
-                         f"[dim](Evaluate › Run settings)[/]\n\nPress [b]{escape(key)}[/] to run it.")
+            text = (f"[b]Ready to run[/] {escape(spec.name)}\n{escape(spec.summary())}\n"
+                    f"measures {escape(measures)} · model {escape(keeps)} "
+                    f"[dim](Evaluate › Run settings)[/]\n\nPress [b]{escape(key)}[/] to run it.")
         last = self.app.state.latest("run")
         if last is not None and not last.active:
             history = self.app.key_for("screen.history", "6")
-            ready.update(Text.from_markup(str(ready.content)) + Text.from_markup(
-                f"\n[dim]The last run ({escape(last.title)}, {last.status}) is in History ({escape(history)}).[/]"))
+            text += f"\n\n[dim]The last run ({escape(last.title)}, {last.status}) is in History ({escape(history)}).[/]"
+        ready.update(text)
 
     def _start(self, job: JobState) -> None:
         """A new run: empty every pane and forget what was drawn for the previous one."""
