@@ -182,7 +182,17 @@ def test_an_error_update_ends_the_job_with_its_message_and_hint(kind, status):
     state.apply(Update("w0", "error", "j1", data={"kind": kind, "message": "it broke", "hint": "do this", "stderr": ["a", "b"]}))
     assert job.status == status and not job.active
     assert job.error == {"kind": kind, "message": "it broke", "hint": "do this", "details": "a\nb"}
-    assert job.logs[-1] == ("error", "it broke (do this)")
+    # a cancel is what the user asked for: a warning, not an error
+    assert job.logs[-1] == ("warning" if kind == "cancelled" else "error", "it broke (do this)")
+
+
+def test_a_hint_that_names_the_run_as_RUN_gets_the_runs_id():
+    state, job = scripted_state()
+    job.run_id = "20250101-000000-abc123"
+    state.apply(Update("w0", "error", "j1", data={"kind": "cancelled", "message": "the search was cancelled",
+                                                  "hint": "resume with workbench search --resume RUN"}))
+    assert job.error["hint"] == "resume with workbench search --resume 20250101-000000-abc123"
+    assert job.logs[-1] == ("warning", "the search was cancelled (resume with workbench search --resume 20250101-000000-abc123)")
 
 
 def test_worker_updates_hello_memory_and_death():
