@@ -91,7 +91,9 @@ class WorkbenchApp(App):
         self.call_after_refresh(self._painted)
         if self.config.problem:
             self.show_error(*self.config.problem, title="Settings")
-        if self.start_worker:
+
+    def _start_workers_now(self) -> None:
+        if self.start_worker and not self.bridge.started:
             self.run_worker(self._start_workers(), group="workers", exit_on_error=False)
 
     def _painted(self) -> None:
@@ -100,6 +102,9 @@ class WorkbenchApp(App):
 
         self.first_paint = time.perf_counter()
         gc.freeze()  # what exists at start-up lives as long as the app: keep it out of full collections
+        # the worker starts once the first screen is up: a real one imports torch, and on a small machine that
+        # import would hold up the first screen for as long as it takes; a job submitted before waits for it
+        self._start_workers_now()
         mark = os.environ.get("WORKBENCH_FIRST_PAINT_FILE")  # for the start-up benchmark
         if mark:
             with open(mark, "w") as f:

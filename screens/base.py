@@ -105,14 +105,18 @@ class WorkbenchScreen(Screen):
                       f"{self.TITLE}: {escape(guide.note(self.NAME))}")
 
     # ------------------------------------------------------------ tabs
+    _has_tabs: bool | None = None  # whether the body has tabs: known once it is composed, and never changes
+
     def _tabs(self) -> TabbedContent | None:
-        """The screen's tabs that are shown now (a pushed screen's own, or the body's first)."""
+        """The screen's first shown tabs."""
         found = [t for t in self.query(TabbedContent) if t.display]
         return found[0] if found else None
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action == "tab":
-            return self._tabs() is not None
+        if action == "tab":  # asked at every repaint of the key bar: the query once
+            if self._has_tabs is None and self.is_mounted:
+                self._has_tabs = bool(self.query(TabbedContent))
+            return bool(self._has_tabs)
         return True
 
     def action_tab(self, offset: int) -> None:
