@@ -130,10 +130,13 @@ class WorkbenchScreen(Screen):
             return
         current = panes.index(tabs.active) if tabs.active in panes else 0
         tabs.active = panes[(current + offset) % len(panes)]
-        self.call_after_refresh(self._focus_tab, tabs)
+        # at once, not after the next refresh: keys typed right after this one go to the new tab's field
+        if not self._focus_tab(tabs):
+            self.call_after_refresh(self._focus_tab, tabs)
 
-    def _focus_tab(self, tabs: TabbedContent) -> None:
+    def _focus_tab(self, tabs: TabbedContent) -> bool:
         pane = tabs.get_pane(tabs.active)
         target = next((w for w in pane.query("*") if w.focusable), None)
         if target is not None:
-            target.focus()
+            self.set_focus(target)  # now: Widget.focus() would queue it behind keys already typed
+        return target is not None

@@ -61,7 +61,16 @@ def _shape(key: tuple) -> str:
 
 
 def compare(runs: list[tuple]) -> Comparison:
-    """``runs``: (RunRecord, metrics) pairs in column order after the baseline (UserError when empty)."""
+    """``runs``: (RunRecord, metrics) pairs in column order after the baseline (UserError when empty).
+
+    An evaluation made in the Evaluate screen of a run that is compared too is left out: its results are that
+    run's (phase ``eval``), not a dense model's.
+    """
+    from .evaluate import is_evaluation
+
+    ids = {r.id for r, _ in runs}
+    dropped = [r for r, _ in runs if is_evaluation(r) and str(r.spec.get("reference"))[len("run:"):] in ids]
+    runs = [(r, m) for r, m in runs if r not in dropped]
     cols = report.columns(runs)
     metrics = {r.id: m for r, m in runs}
     base = cols[0] if cols and cols[0].baseline else None
@@ -118,11 +127,12 @@ def compare(runs: list[tuple]) -> Comparison:
         datasets.setdefault(str(key[0]), []).append(key)
     for ds, found in datasets.items():
         if len(found) > 1:
-            notes.append(f"{ds} was measured {len(found)} ways ({', '.join(_shape(k) for k in found)}): one row each, "
-                         "and a delta only against the dense model measured the same way")
+            notes.append(f"{ds} was measured {len(found)} ways ({', '.join(_shape(k) for k in found)}): a row each")
     if borrowed:
         notes.append(f"* the dense model as {', '.join(sorted(borrowed))} measured it before compressing "
                      "(the baseline run measured it another way)")
+    if dropped:
+        notes.append(f"{', '.join(r.name for r in dropped)}: in the column of the run it evaluated")
     return Comparison(cols, header, body, notes, chart_series(cols, ppl, dense))
 
 
@@ -166,7 +176,7 @@ class CompareScreen(Screen):
     def compose(self) -> ComposeResult:
         names = escape(", ".join(c.label for c in self.columns))
         yield Static(f"[b]Compare[/] {names}", id="compare-title")
-        notes = ["deltas against the dense model measured the same way (protocol: tokens per window × windows)"]
+        notes = ["a delta only against the dense model measured the same way (tok per window × windows)"]
         yield Static("\n".join(f"• {n}" for n in notes + self.comparison.notes), id="compare-notes", markup=False)
         table = Table(id="compare-table", cursor_type="row", zebra_stripes=True)
         for i, label in enumerate(self.header):

@@ -155,7 +155,7 @@ def eval_fields(prefix: str, e: dict) -> ComposeResult:
                      id=f"{prefix}-icl-retriever")
     yield from _inputs(prefix, e, "icl-k", "icl-memory", "icl-seeds", "icl-limit", "icl-entropy")
     yield Label("Efficiency", classes="eval-heading")
-    yield Check("speed and memory", bool(e["efficiency"]), id=f"{prefix}-efficiency")
+    yield Check("speed and memory", bool(e["efficiency"]), compact=True, id=f"{prefix}-efficiency")
 
 
 def _inputs(prefix: str, values: dict, *suffixes: str) -> ComposeResult:
@@ -265,11 +265,11 @@ class EvaluateScreen(WorkbenchScreen):
                         with Horizontal(classes="eval-field"):
                             yield Label(label)
                             yield Input(compact=True, id=f"run-{key}")
-                    yield Label("Evaluated by the run ([evaluate])", classes="eval-heading")
-                    yield Check("the dense model too, before compressing", bool(e["before"]), id="run-before")
+                    yield Label("Evaluated by the run (\\[evaluate])", classes="eval-heading")
+                    yield Check("the dense model too, before compressing", bool(e["before"]), compact=True, id="run-before")
                     yield from eval_fields("run", e)
-                    yield Label("Kept by the run ([export])", classes="eval-heading")
-                    yield Check("export the compressed model (Evaluate can measure it later)", id="run-save")
+                    yield Label("Kept by the run (\\[export])", classes="eval-heading")
+                    yield Check("export the compressed model (Evaluate can measure it later)", compact=True, id="run-save")
                     with Horizontal(classes="eval-field"):
                         yield Label("folder")
                         yield Input(placeholder="empty: a folder in the run's directory", compact=True, id="run-out")
@@ -278,7 +278,7 @@ class EvaluateScreen(WorkbenchScreen):
                         yield Label("dtype")
                         yield Select([(d, d) for d in DTYPES], value="auto", allow_blank=False, compact=True,
                                      id="run-dtype")
-                    yield Check("overwrite an earlier workbench export in that folder", id="run-overwrite")
+                    yield Check("overwrite an earlier workbench export in that folder", compact=True, id="run-overwrite")
                     yield Static("", id="run-out-note", classes="eval-sub")
                     yield Static("", id="run-problem")
 

@@ -285,7 +285,8 @@ class PromptModal(ModalScreen[str | None]):
 
 
 def binding_rows(screen) -> list[tuple[str, str, str]]:
-    """(where, keys as shown, what they do) of every key that works on ``screen`` now, the focused widget's first."""
+    """(where, keys as shown, what they do) of every key that works on ``screen`` now: the screen's own first, then
+    the app's, then the focused widget's (a table's cursor keys, say)."""
     app = screen.app
     found: dict[tuple, list] = {}  # (node, action) -> [keys, description]
     for key, active in screen.active_bindings.items():
@@ -302,7 +303,7 @@ def binding_rows(screen) -> list[tuple[str, str, str]]:
     for keys, description, node in found.values():
         where = "everywhere" if node is app else ("this screen" if node is screen else "the focused field")
         rows.append((where, " / ".join(keys), description))
-    order = {"the focused field": 0, "this screen": 1, "everywhere": 2}
+    order = {"this screen": 0, "everywhere": 1, "the focused field": 2}
     return sorted(rows, key=lambda r: order[r[0]])
 
 

@@ -391,3 +391,19 @@ async def test_every_character_typed_arrives_while_the_worker_floods_the_ui():
         await wait_for(pilot, lambda: len(field.value) >= len(text), timeout=30, what="every character")
         assert field.value == text
         assert job.events > before and job.active  # the flood went on while the keys arrived
+
+
+@async_test
+async def test_keys_typed_right_after_a_tab_key_go_to_the_new_tab():
+    from textual import events
+
+    app = make_app(start_worker=False)
+    async with app.run_test(size=SMALL) as pilot:
+        await _show(pilot, app, "evaluate")
+        for key in ("right_square_bracket", "tab", "tab"):  # one burst, as a terminal delivers a fast typist's keys
+            event = events.Key(key, None)
+            event.set_sender(app)
+            app._driver.send_message(event)
+        await wait_for(pilot, lambda: app.screen.query_one("#eval-tabs").active == "tab-run-settings", what="the tab")
+        await pilot.pause(0.2)
+        assert app.focused is not None and app.focused.id == "run-reference"  # name, then two tabs on

@@ -258,7 +258,7 @@ async def test_compare_across_protocols_keeps_rows_apart_and_takes_the_dense_val
         eight = rows["perplexity wikitext2 (512 tok × 8 win) (no dense value: no delta)"]
         assert eight == ["-", "55.00", "-"]  # no dense value measured on 8 windows: no delta
         notes = str(app.screen.query_one("#compare-notes").render())
-        assert "wikitext2 was measured 3 ways" in notes and "* the dense model as pruned" in notes
+        assert "wikitext2 was measured 3 ways" in notes and "a row each" in notes and "* the dense model as pruned" in notes
         # the chart: one series per method, never a line from sparsegpt to lowrank
         series = app.screen.series["perplexity"]
         assert set(series) == {"sparsegpt · wikitext2 512 tok × 16 win", "sparsegpt · wikitext2 512 tok × 8 win",

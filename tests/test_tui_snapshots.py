@@ -129,6 +129,7 @@ def fixed_app(tmp_path, monkeypatch):
 
     def make(screen: str):
         app = make_app(backend=Backend(), start_worker=False, start_screen=screen)
+        app.session.loaded_at = NOW - 3 * 3600  # the setup was loaded before the jobs on the fixed clock
         app.state = app.bridge.state = state
         app.bridge.start = no_worker
         app.bridge.submit = no_worker
