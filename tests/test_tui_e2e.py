@@ -118,9 +118,10 @@ def test_a_whole_session_in_a_terminal(tmp_path):
         _until(lambda: "automatic: quickstart" in terminal.capture(), deadline, "the Run settings tab")
         keys(*["Tab"] * 5, "C-u", "4")  # name, description, reference, before, data sets: the window limit
         keys(*["Tab"] * 14, "Space")  # on to "export the compressed model"
-        _until(lambda: "✓ export the compressed model" in terminal.capture(), deadline, "export turned on")
-        keys("Escape")
-        time.sleep(0.5)  # an escape right before a key reads as alt+key
+        _until(lambda: "✓▌ export the compressed model" in terminal.capture(), deadline, "export turned on")
+        keys("4")  # the Run screen: what ctrl+r would run, with the edited settings
+        _until(lambda: "Ready to run demo wanda 50%" in terminal.capture() and "(4 windows)" in terminal.screen
+               and "model exported" in terminal.screen, deadline, "the edited setup ready to run")
         keys("C-r")
         run = _until(lambda: _finished_run(history_file), deadline, "the run to finish")
         assert run.spec["evaluate"]["limit"] == 4 and run.spec["export"]["save"] is True
@@ -156,7 +157,7 @@ def test_a_whole_session_in_a_terminal(tmp_path):
         _until(lambda: "Compare" in terminal.capture() and "tok × 4 win" in terminal.screen
                and "tok × 40 win" in terminal.screen, deadline, "the comparison with its protocols")
         keys("Escape")
-        time.sleep(0.5)
+        time.sleep(1.0)  # an escape and a key close behind it can read as alt+key
 
         keys("C-q")  # the setup was edited and not saved: it asks first
         _until(lambda: "Quit the workbench?" in terminal.capture(), deadline, "the quit question")
