@@ -66,9 +66,11 @@ def steps_text(record: RunRecord) -> str:
 
 
 def started_text(record: RunRecord) -> str:
-    """``01-15 10:15`` this year, ``2024-12-31 10:15`` before."""
-    this_year = time.localtime().tm_year == time.localtime(record.created).tm_year
-    return time.strftime("%m-%d %H:%M" if this_year else "%Y-%m-%d %H:%M", time.localtime(record.created))
+    """``10:15`` today, ``01-15 10:15`` this year, ``2024-12-31 10:15`` before (short, so 120 columns show the id)."""
+    now, then = time.localtime(time.time()), time.localtime(record.created)
+    if now[:3] == then[:3]:
+        return time.strftime("%H:%M", then)
+    return time.strftime("%m-%d %H:%M" if now.tm_year == then.tm_year else "%Y-%m-%d %H:%M", then)
 
 
 def perplexity_cell(metrics: list[dict]) -> str:
