@@ -87,6 +87,8 @@ class WorkbenchApp(App):
     def on_mount(self) -> None:
         if self.config.keymap:
             self.set_keymap(self.config.keymap)
+        if self.start_worker:
+            self.bridge.announce()
         self.switch_mode(self.start_screen)
         self.call_after_refresh(self._painted)
         if self.config.problem:
