@@ -26,7 +26,10 @@ Steps follow the engine's stages and events:
   event per layer), and ``search`` then ``lowrank:I:search``: ``trials``
   complete ``Trial`` events of ``--fake-delay`` seconds each, trial n with
   the objective ``trial_objective(n)`` and the ratios ``trial_ratios``; its
-  step report holds ``search.best`` like the engine's;
+  step report holds ``search.best`` like the engine's. Finished trials are
+  kept in a journal named by ``WORKBENCH_HOME/runs/RUN/search/study.json``
+  (as the engine's study is), and a run whose step's ``storage`` is that
+  journal reports them at once and runs only the rest (a resumed search);
 - ``depth``: stage ``depth:I`` (a progress event per layer, as the scoring
   criteria do) that removes the layers just before the last one (the last
   ones for criterion ``last``); later steps see fewer layers;
@@ -34,6 +37,9 @@ Steps follow the engine's stages and events:
   ``sparsity`` is the fraction of the layer's linear weights removed;
 - ``vocab``: stage ``vocab:I`` (a progress event per layer) that keeps
   ``size`` tokens of the fake's 8256.
+
+A run with ``export.save`` writes a folder holding only ``compression.json``
+(see ``FakeRun.export``), so the UI can evaluate the kept model.
 
 Perplexity after the steps is ``compressed_perplexity`` of each step's
 *effective sparsity*: the pruning target; ``1 - retention`` for low-rank;
@@ -160,7 +166,7 @@ class FakeJobs:
         ids = ["0"] if visible is None else [d for d in visible.split(",") if d.strip()]
         free = max(GIB, FAKE_GPU_MEMORY - GIB - self.used)
         return [host_device()] + [{"kind": "cuda", "index": index, "name": f"Fake GPU {gpu}", "total": FAKE_GPU_MEMORY,
-                                   "free": free} for index, gpu in enumerate(ids)]
+                                   "free": free, "process": GIB + self.used} for index, gpu in enumerate(ids)]
 
     def execute(self, job: Job, emit: Emit, cancel: Callable[[], bool]) -> dict:
         if job.kind == "inspect":
@@ -222,7 +228,8 @@ class FakeRun:
         self.layers, self.shapes, self.vocab = self.options.layers, dict(LINEARS), VOCAB
         self.heads, self.kv_heads = HEADS, KV_HEADS
 
-    def stage(self, name: str, title: str, total: int | None, work: Callable[[int], None], failing: bool = False) -> None:
+    def stage(self, name: str, title: str, total: int | None, work: Callable[[int], None], failing: bool = False,
+              start: int = 0, before: Callable[[], None] | None = None) -> None:
         """One stage of ``total`` units; ``work(i)`` runs after each unit's delay.
 
         In a ``failing`` stage the injected failure strikes at the start of its
@@ -230,8 +237,10 @@ class FakeRun:
         event always fails, however fast a cancel arrives.
         """
         self.emit(StageStarted(stage=name, title=title, total=total))
+        if before is not None:
+            before()
         t0 = time.perf_counter()
-        for i in range(total or 1):
+        for i in range(start, total or 1):
             if failing:
                 self.maybe_fail(i)
             self.unit(i)
@@ -387,11 +396,24 @@ class FakeRun:
         else:
             groups = [f"layer_{i:0{len(str(self.layers - 1))}d}" for i in range(self.layers)]
         study = step.study or f"{self.spec.name}-{index}-fake"
-        self.emit(Log(message=f"study {study!r} (fake worker: nothing is stored)"))
+        # the study's finished trials go to a journal (one JSON line each) beside a marker in the run's folder, as the
+        # engine's do, so a cancelled search resumes from them: a run whose step names the journal as its storage
+        import json
+        from pathlib import Path
+
+        from workbench.history import workbench_home
+
+        folder = workbench_home() / "runs" / self.run_id / "search"
+        journal = Path(step.storage) if step.storage else folder / "study.journal"
+        folder.mkdir(parents=True, exist_ok=True)
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        (folder / "study.json").write_text(json.dumps({"storage": str(journal), "study": study}) + "\n")
+        finished = [int(line) for line in journal.read_text().split()] if journal.is_file() else []
+        self.emit(Log(message=f"study {study!r} in {journal} (fake worker: {len(finished)} trial(s) finished before)"))
         best: dict = {}
         metrics: dict[int, dict] = {}
 
-        def trial(n: int) -> None:
+        def trial(n: int, again: bool = False) -> None:
             objective, kl = trial_objective(n), 50.0 / (n + 1)
             params = trial_ratios(n, groups, step.ratio_min, step.ratio_max)
             if not best or objective < best["objective"]:
@@ -401,15 +423,25 @@ class FakeRun:
                             metrics=metrics[n], seconds=self.options.delay, best=dict(best)))
             self.emit(Progress(stage=name, done=n + 1, total=trials,
                                detail=f"best {best['objective']:.3f} (trial {best['number']})"))
+            if not again:
+                with journal.open("a") as f:
+                    f.write(f"{n}\n")
 
-        self.stage(name, f"Rank search: {trials} trials ({step.sampler}, {step.space} space)", trials, trial, failing=True)
+        done = min(len(finished), trials)
+
+        def replay() -> None:  # the finished trials of a resumed study, reported at once as the engine's poll does
+            for n in range(done):
+                trial(n, again=True)
+
+        self.stage(name, f"Rank search: {trials} trials ({step.sampler}, {step.space} space)", trials, trial, failing=True,
+                   start=done, before=replay)
         chosen = metrics[best["number"]]
         return {"best": {"number": best["number"], "objective": best["objective"], "sequential_objective": best["objective"],
                          "ratios": best["params"]},
                 "finalists": [{"number": best["number"], "search_objective": best["objective"],
                                "sequential_objective": best["objective"], "perplexity": chosen["perplexity"],
                                "kl": chosen["kl"]}],
-                "kendall_tau": None, "study": study, "storage": "fake (nothing stored)", "space": step.space,
+                "kendall_tau": None, "study": study, "storage": str(journal), "space": step.space,
                 "sampler": step.sampler, "trials": trials}
 
     # ---------------------------------------------------------------- structured
@@ -498,10 +530,41 @@ class FakeRun:
                   "headline": {"vocabulary": f"{before} -> {size} tokens"}}
         return report, 2 * (before - size) * HIDDEN / params
 
+    def export_folder(self):
+        """Where the export goes: ``export.out``, else ``WORKBENCH_HOME/runs/RUN/model``. A folder with other files
+        is refused, and an earlier export is replaced only with ``export.overwrite``, before the run starts."""
+        from pathlib import Path
+
+        from workbench.history import workbench_home
+
+        x = self.spec.export
+        out = Path(x.out).expanduser() if x.out else workbench_home() / "runs" / self.run_id / "model"
+        if out.is_dir() and any(out.iterdir()):
+            if not (out / "compression.json").is_file():
+                raise UserError(f"export.out = '{out}' holds files that are not a workbench export",
+                                "pick an empty or new folder")
+            if not x.overwrite:
+                raise UserError(f"export.out = '{out}' holds an earlier export",
+                                "set export.overwrite = true to replace it, or pick another folder")
+        return out
+
+    def export(self) -> str:
+        """A folder as the engine's export leaves it, holding only ``compression.json`` (no weights)."""
+        import json
+
+        out = self.export_folder()
+        self.stage("export", f"Saving to {out}", None, lambda i: None)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compression.json").write_text(json.dumps({"run_id": self.run_id, "fake": True,
+                                                          "steps": [s.get("label") for s in self.steps]}) + "\n")
+        return str(out)
+
     def execute(self) -> dict:
         t0 = time.perf_counter()
         spec = self.spec
         self.emit(RunStarted(run_id=self.run_id, spec=spec.to_dict()))
+        if spec.export.save:
+            self.export_folder()  # a folder it may not write to fails now, not after the work
         self.stage("load", f"Loading {spec.model.name}", None, lambda i: None)
         self.emit(Log(message=f"LlamaForCausalLM with {self.options.layers} layers (fake worker: nothing is computed)"))
         if spec.steps:
@@ -513,13 +576,12 @@ class FakeRun:
             self.compress(i, step)
         if spec.steps:
             self.evaluate("after")
-        if spec.export.save:
-            self.emit(Log(message="fake worker: nothing was exported", level="warning"))
+        exported = self.export() if spec.export.save else None
         summary = {
             "run_id": self.run_id, "name": spec.name, "spec": spec.to_dict(),
             "model": {"architecture": "LlamaForCausalLM", "num_layers": self.options.layers, "fake": True},
             "calibration": None, "steps": self.steps, "structure": [], "metrics": self.metrics, "timings": self.timings,
-            "export": None, "versions": {"workbench": __version__, "fake": True},
+            "export": exported, "versions": {"workbench": __version__, "fake": True},
             "seconds": round(time.perf_counter() - t0, 3),
         }
         self.emit(RunFinished(run_id=self.run_id, summary=summary, seconds=summary["seconds"]))

@@ -134,7 +134,8 @@ def _as_data(result, entry: Source, source: str, tokenizer, nsamples: int, seqle
     if isinstance(result, torch.Tensor):
         return CalibrationData(_checked_ids(result, entry, nsamples, seqlen), source)
     if isinstance(result, str) or not all(isinstance(d, str) for d in result):
-        raise RunError(f"the calibration source {entry.prefix!r} returned {type(result).__name__}, not a list of documents", hint="fix the source's function")
+        raise RunError(f"the calibration source {entry.prefix!r} returned {type(result).__name__}, not a list of documents",
+                       hint="fix the source's function")
     documents = [d for d in result if d.strip()]
     sampled = ["\n\n".join(documents)] if entry.join_documents and documents else documents
     windows = sample_windows(sampled, tokenizer, nsamples, seqlen, seed)
@@ -259,7 +260,8 @@ def text_documents(source: str) -> list[str]:
     """The documents of a text source (``c4``, ``wikitext2``, ``books``, ``file:PATH``, ``hf:...``), without sampling."""
     entry, arg = resolve(source)
     if entry.prefix not in TEXT_SOURCES:
-        raise UserError(f"{source!r} is not a text corpus", hint=f"use one of: {', '.join(s for s in source_names() if s.split(':')[0] in TEXT_SOURCES)}")
+        texts = [s for s in source_names() if s.split(":")[0] in TEXT_SOURCES]
+        raise UserError(f"{source!r} is not a text corpus", hint=f"use one of: {', '.join(texts)}")
     return [d for d in entry.function()(arg, None, 0, 0, 0, None) if d.strip()]
 
 

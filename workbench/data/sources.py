@@ -280,7 +280,8 @@ _builtin(
 )
 _builtin("file", _file_documents, "file:PATH", _describe_file, True)
 _builtin("hf", _hub_documents, "hf:NAME[:CONFIG]:SPLIT[:FIELD]", _describe_hub, True)
-_builtin("random", "workbench.data.sampling:random_tokens", "random", lambda arg: "uniform random token ids (no text), special tokens excluded", False, cacheable=False)
+_builtin("random", "workbench.data.sampling:random_tokens", "random",
+         lambda arg: "uniform random token ids (no text), special tokens excluded", False, cacheable=False)
 
 
 def _describe_selfgen(arg: str) -> str:
@@ -352,7 +353,8 @@ def _describe_mixture(arg: str) -> str:
     return "a mixture: " + ", ".join(f"{fraction:.0%} of the samples from {source}" for source, fraction in parts)
 
 
-register_source("mix", "workbench.data.sampling:mixture", description=_describe_mixture, usage="mix:SOURCE=FRACTION,...", takes_arg=True, wants_context=True)
+register_source("mix", "workbench.data.sampling:mixture", description=_describe_mixture, usage="mix:SOURCE=FRACTION,...",
+                takes_arg=True, wants_context=True)
 
 
 __all__ = ["Source", "SourceContext", "CalibrationData", "register_source", "resolve", "describe_source", "source_names",
