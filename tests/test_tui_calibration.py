@@ -160,7 +160,7 @@ async def test_preview_shows_the_fake_workers_statistics():
         assert job.status == "finished"
         await wait_for(pilot, lambda: "distinct tokens" in _text(app, "#preview-stats"), what="the statistics")
         stats = _text(app, "#preview-stats")
-        # the fake's formulas (backends/fake.py fake_preview) for c4, 10 windows of 100 tokens
+        # the fake's formulas (backends/fake/ fake_preview) for c4, 10 windows of 100 tokens
         tokens = 10 * 100
         assert re.search(rf"documents +{FAKE_DOCUMENTS['c4']:,} +250,000 tokens", stats)
         assert re.search(rf"windows +10 +{tokens:,} tokens \(10 × 100\)", stats)

@@ -12,7 +12,7 @@ from workbench.screens.evaluate import NO_MODEL_HINT
 from workbench.screens.widgets import MessageModal
 from workbench.spec import spec_from_dict
 
-# the fake worker's documented dense perplexities (backends/fake.py)
+# the fake worker's documented dense perplexities (backends/fake/)
 DENSE = {"wikitext2": 30.0, "c4": 40.0}
 
 

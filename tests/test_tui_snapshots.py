@@ -1,7 +1,7 @@
 """Every screen at 80x24 and 120x40 on fixed data, compared with the accepted SVG snapshots.
 
 The data: no worker process, a frozen clock, UTC, a ready fake worker with fixed devices, and
-jobs and history runs made by the fake worker's own event streams (``backends/fake.py``) on
+jobs and history runs made by the fake worker's own event streams (``backends/fake/``) on
 that clock, so every number and time on screen is the same on every machine. After a change
 to a screen, look at the report and accept the new pictures with
 ``pytest tests/test_tui_snapshots.py --snapshot-update``.
@@ -17,6 +17,7 @@ import pytest
 from tui_support import LARGE, SMALL, make_app, wait_for
 from workbench import __version__
 from workbench.backends import fake
+from workbench.backends.fake import jobs as fake_jobs, preview as fake_preview, steps as fake_steps
 from workbench.backends.client import Update
 from workbench.backends.worker import Job
 from workbench.errors import WorkbenchError
@@ -112,7 +113,8 @@ def fixed_app(tmp_path, monkeypatch):
     """Make the app on fixed data, showing a given screen; the clock stays at NOW while it renders."""
     clock = Clock(NOW)
     monkeypatch.setattr(time, "time", clock)
-    monkeypatch.setattr(fake, "time", SimpleNamespace(perf_counter=clock, sleep=clock.sleep, time=clock))
+    for module in (fake_jobs, fake_steps, fake_preview):  # the fake worker's timings follow the clock
+        monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=clock, sleep=clock.sleep, time=clock))
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     # relative paths under a fresh folder: anything a screen shows of them is the same everywhere

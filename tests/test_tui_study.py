@@ -2,7 +2,7 @@
 
 The fake worker's perplexity depends only on the pruning sparsity s (every
 calibration source ties): ``dense * (1 + 4 s^2)`` with dense 30 on
-WikiText-2 and 50 on other data sets such as books (``backends/fake.py``).
+WikiText-2 and 50 on other data sets such as books (``backends/fake/``).
 """
 
 from __future__ import annotations
