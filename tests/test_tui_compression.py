@@ -233,6 +233,7 @@ async def test_a_fields_help_line_goes_with_its_form():
         app.session.add_step({"type": "prune"})
         app.session_changed()
         steps = app.screen.query_one("#steps", OptionList)
+        await wait_for(pilot, lambda: steps.option_count == len(app.session.steps), what="the new step listed")
         steps.focus()
         await pilot.press("end")
         await form_for(pilot, app, len(app.session.steps) - 1)
