@@ -23,9 +23,11 @@ def register(sub) -> dict:
 
 
 def cmd_worker(args) -> int:
-    from .worker import EngineJobs, main
+    from .worker import main
 
-    if not args.fake:
+    if not args.fake:  # the engine (torch) is imported only by a worker that runs it
+        from workbench.jobs import EngineJobs
+
         return main(EngineJobs, grace=args.grace)
     from .fake import FakeJobs, FakeOptions
 

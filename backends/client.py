@@ -111,6 +111,13 @@ def describe_exit(returncode: int | None) -> str:
     return f"exited with status {returncode}"
 
 
+async def _exit_of(proc: asyncio.subprocess.Process, every: float = 0.05) -> int:
+    """The process's exit status as soon as it exits (``proc.wait()`` also waits for its pipes to close)."""
+    while proc.returncode is None:
+        await asyncio.sleep(every)
+    return proc.returncode
+
+
 class Hub:
     """Hands every update to each reader of ``events()``; shared by the workers of a pool."""
 
@@ -187,6 +194,7 @@ class WorkerClient:
         self.devices: list[dict] = []
         self.stderr_tail: deque[str] = deque(maxlen=stderr_lines)
         self._jobs: dict[str, _Job] = {}
+        self._logs: dict[str, Any] = {}  # run id -> the history's RunLog of a job recorded as a run
         self._proc: asyncio.subprocess.Process | None = None
         self._generation = 0
         self._alive = False  # the current process said hello and has not ended
@@ -239,8 +247,8 @@ class WorkerClient:
         self._jobs[job.id] = job
         if self.history is not None and payload.get("run_id"):
             spec = payload.get("spec") or {"model": payload.get("model") or {}}
-            self.history.create_run(payload["run_id"], spec, name=spec.get("name") or kind,
-                                    model=(spec.get("model") or {}).get("name", "demo"))
+            self._logs[payload["run_id"]] = self.history.open_run(
+                payload["run_id"], spec, name=spec.get("name") or kind, model=(spec.get("model") or {}).get("name", "demo"))
         if self._alive:  # else the restart in progress sends it
             await self._send_job(job)
         return job.id
@@ -292,9 +300,12 @@ class WorkerClient:
             self._pings.pop(message.seq, None)
         return time.perf_counter() - t0
 
-    def kill(self, reason: str = "killed") -> None:
-        """Kill the worker's process group now; its running job fails and a fresh worker starts."""
-        if self._proc is not None and self._proc.returncode is None:
+    def kill(self, reason: str = "killed", group: bool = False) -> None:
+        """Kill the worker's process group now; its running job fails and a fresh worker starts.
+
+        ``group``: also when the worker itself has exited (what it left running in its group).
+        """
+        if self._proc is not None and (self._proc.returncode is None or group):
             self._kill_reason = self._kill_reason or reason
             try:
                 os.killpg(self._proc.pid, signal.SIGKILL)
@@ -343,14 +354,43 @@ class WorkerClient:
         self._proc = proc
         self._stderr = asyncio.create_task(self._drain_stderr(proc))
         self._reader = asyncio.create_task(self._read(proc, self._generation))
+        self._spawn_task(self._watch(proc))
+        # the process's exit is watched beside its stdout: a child it left behind can hold the pipe open
+        exited = asyncio.ensure_future(_exit_of(proc))
         try:
-            await asyncio.wait_for(asyncio.shield(self._hello_waiter), self.start_timeout)
-        except asyncio.TimeoutError:
-            self._hello_waiter.cancel()
-            self.kill("no hello")
-            raise UserError(f"the worker ({self.name}) did not start within {self.start_timeout:g} s",
-                            self.transport.start_hint()) from None
+            await asyncio.wait({self._hello_waiter, exited}, timeout=self.start_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if not self._hello_waiter.done():
+            if proc.returncode is not None:  # it ended before its hello
+                await asyncio.sleep(0.2)  # the last stderr lines
+                last = next((line for line in reversed(self.stderr_tail) if line.strip()), "")
+                self.kill("ended before hello", group=True)  # whatever it left running in its process group
+                self._start_failed(f"the worker ({self.name}) {describe_exit(proc.returncode)} before it was ready"
+                                   + (f": {last}" if last else ""))
+            else:
+                self._hello_waiter.cancel()
+                self.kill("no hello")
+                raise UserError(f"the worker ({self.name}) did not say hello within {self.start_timeout:g} s",
+                                f"{self.transport.start_hint()}; a slow machine may need a longer --hello-timeout "
+                                f"(or hello_timeout in the [backend] settings)") from None
+        self.hello = self._hello_waiter.result()  # raises what _start_failed set
         self._publish(Update(self.name, "hello", data=self.hello))
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        """When the worker process has exited but its pipes stay open (a child it left holds them), kill its group.
+
+        The reader then sees the end of the worker's output and reports the
+        death at once, instead of waiting for a child that may never end.
+        """
+        await _exit_of(proc, every=0.5)
+        await asyncio.sleep(1.0)  # normally the reader has seen the end of stdout by now
+        if self._proc is proc and not self._reader.done():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def _start_failed(self, message: str, hint: str | None = None) -> None:
         if self._hello_waiter is not None and not self._hello_waiter.done():
@@ -380,7 +420,12 @@ class WorkerClient:
             except ProtocolError as exc:
                 self._publish(Update(self.name, "protocol", data={"message": str(exc)}))
                 continue
-            self._dispatch(message)
+            try:
+                self._dispatch(message)
+            except Exception as exc:  # noqa: BLE001 - a message this client cannot handle is skipped, never fatal
+                self._publish(Update(self.name, "protocol", message.job,
+                                     data={"message": f"a {message.type} message could not be handled and was skipped: "
+                                                      f"{type(exc).__name__}: {exc}"}))
         await self._ended(proc, generation)
 
     def _dispatch(self, message) -> None:
@@ -410,7 +455,7 @@ class WorkerClient:
         elif kind == "event":
             try:
                 event = event_from_dict(message["event"])
-            except (KeyError, TypeError) as exc:
+            except (KeyError, TypeError, ValueError) as exc:
                 self._publish(Update(self.name, "protocol", job.id, data={"message": f"unknown or malformed event skipped: {exc}",
                                                                          "event": message["event"]}))
                 return
@@ -542,21 +587,23 @@ class WorkerClient:
         self.hub.publish(update)
 
     def _record(self, job: _Job, update: Update) -> None:
-        run_id = job.payload.get("run_id")
-        if self.history is None or not run_id:
+        log = self._logs.get(job.payload.get("run_id") or "")
+        if log is None:
             return
         if update.kind == "event":
-            self.history.add_event(run_id, update.event)
+            log(update.event)
         elif update.kind == "result":
             summary = update.data["result"]
             if summary.get("export"):
-                self.history.add_artifact(run_id, "model", self.transport.locate(summary["export"]))
-            self.history.finish_run(run_id, summary)
+                log.artifact("model", self.transport.locate(summary["export"]))
+            log.finish(summary)
         elif update.kind == "error":
             d = update.data
-            self.history.add_event(run_id, RunFailed(run_id=run_id, kind=d["kind"], message=d["message"], hint=d.get("hint")))
+            log(RunFailed(run_id=log.run_id, kind=d["kind"], message=d["message"], hint=d.get("hint")))
             details = d.get("traceback") or "\n".join(d.get("stderr") or [])
-            self.history.fail_run(run_id, d["kind"], d["message"], "\n".join(filter(None, [d.get("hint"), details])) or None)
+            log.fail(d["kind"], d["message"], "\n".join(filter(None, [d.get("hint"), details])) or None)
+        if update.terminal:
+            self._logs.pop(log.run_id, None)
 
     def _spawn_task(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -25,6 +25,8 @@ PROTOCOL_VERSION = 1
 
 # Longest line either side accepts (a run summary of a very deep model is a few MB).
 MAX_LINE = 64 * 1024 * 1024
+# Deepest nesting of objects and arrays either side accepts (a run summary nests about 8 levels).
+MAX_DEPTH = 100
 
 ENVELOPE = ("v", "seq", "t", "type", "job")
 JOB_KINDS = ("run", "evaluate", "inspect", "preview")
@@ -121,10 +123,18 @@ def decode(line: bytes | str, other: str = "worker") -> Message:
     A message with another protocol version raises ``VersionMismatch`` before
     its payload is checked, so a newer peer's hello is refused with the right reason.
     """
+    if len(line) > MAX_LINE:
+        raise ProtocolError(f"a line of {len(line)} bytes is longer than the limit ({MAX_LINE} bytes)")
     try:
         body = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"malformed line (not JSON: {exc}): {_excerpt(line)!r}") from None
+    except RecursionError:
+        raise ProtocolError(f"a line nested deeper than the limit ({MAX_DEPTH} levels): {_excerpt(line, 40)!r}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the parser raises, a bad line is reported and skipped
+        raise ProtocolError(f"a line that could not be read ({type(exc).__name__}: {exc}): {_excerpt(line)!r}") from None
+    if _too_deep(body, line):
+        raise ProtocolError(f"a line nested deeper than the limit ({MAX_DEPTH} levels): {_excerpt(line, 40)!r}")
     if not isinstance(body, dict):
         raise ProtocolError(f"malformed line (a JSON {type(body).__name__}, not an object): {_excerpt(line)!r}")
     version = body.get("v")
@@ -156,6 +166,36 @@ def decode(line: bytes | str, other: str = "worker") -> Message:
 
 
 _JSON_NAMES = {dict: "object", list: "array", int: "integer", str: "string"}
+
+
+def _too_deep(body: Any, line: bytes | str) -> bool:
+    """Whether ``body`` nests containers more than ``MAX_DEPTH`` levels (iterative: no recursion to exhaust)."""
+    opening = (b"[", b"{") if isinstance(line, bytes) else ("[", "{")
+    if line.count(opening[0]) + line.count(opening[1]) <= MAX_DEPTH:
+        return False  # cannot be deeper than the number of containers
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def read_lines(stream, limit: int = MAX_LINE):
+    """The lines of a binary stream, each at most ``limit`` bytes; a longer one is yielded cut, so ``decode`` refuses it.
+
+    The rest of an over-long line is read and dropped, so the next line starts clean.
+    """
+    while True:
+        line = stream.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := stream.readline(limit + 1)) and not rest.endswith(b"\n"):
+                pass
+        yield line
 
 
 class Sequencer:

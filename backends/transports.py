@@ -60,7 +60,7 @@ class Transport:
     def worker_env(self) -> dict[str, str]:
         env = dict(self.env)
         if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
+            env["CUDA_VISIBLE_DEVICES"] = env["WORKBENCH_GPUS"] = ",".join(self.gpus)  # the engine checks they exist
         return env
 
     def argv(self) -> list[str]:

@@ -12,16 +12,15 @@ subprocess, or ``ssh HOST workbench worker``); nobody types into it. It
 - treats end of input like ``shutdown``: an orphaned worker (its client or
   its ssh connection gone) cancels its job and exits.
 
-What a job does is delegated to a ``Jobs`` object: ``EngineJobs`` (the real
-engine, torch imported on start) or ``workbench.backends.fake.FakeJobs``.
+What a job does is delegated to a ``Jobs`` object: ``workbench.jobs.EngineJobs``
+(the real engine, torch imported on start) or ``workbench.backends.fake.FakeJobs``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import socket
+import signal
 import sys
 import threading
 import traceback
@@ -29,12 +28,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Protocol
 
-from workbench import __version__
 from workbench.errors import UserError, WorkbenchError
 from workbench.events import Emit, json_safe
-from workbench.history import workbench_home
 
-from .protocol import CLIENT_TYPES, PROTOCOL_VERSION, ProtocolError, Sequencer, VersionMismatch, decode, encode
+from .protocol import CLIENT_TYPES, PROTOCOL_VERSION, ProtocolError, Sequencer, VersionMismatch, decode, encode, read_lines
 
 OOM_HINT = ("the model or its activations do not fit in memory: use a 16-bit dtype (model.dtype), fewer "
             "calibration samples (calibration.nsamples) or keep activations on the CPU (calibration.offload_activations = true)")
@@ -94,6 +91,7 @@ class Job:
     request: Any  # the parsed spec (run, evaluate) or model spec (inspect)
     run_id: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_requested: bool = False  # by the client (as opposed to the worker stopping)
 
 
 def parse_job(kind: str, data: dict):
@@ -129,131 +127,6 @@ def describe_error(exc: BaseException) -> dict:
             "hint": "this is a bug or a library failure; the traceback is stored with the run", "traceback": tb}
 
 
-def host_memory() -> tuple[int, int]:
-    """(total, available) bytes of the machine's memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
-        return info["MemTotal"], info.get("MemAvailable", info.get("MemFree", 0))
-    except (OSError, KeyError, ValueError):
-        page = os.sysconf("SC_PAGE_SIZE")
-        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
-
-
-def process_rss() -> int | None:
-    """This process's resident memory in bytes (None where /proc cannot tell)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def host_device() -> dict:
-    """The host as an entry of ``devices``: its memory now, and (``process``) the worker's own resident memory."""
-    total, free = host_memory()
-    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "total": total, "free": free,
-            "process": process_rss()}
-
-
-def base_hello() -> dict:
-    """The hello fields every kind of worker sends; ``devices`` starts with the host."""
-    return {
-        "protocol": PROTOCOL_VERSION,
-        "workbench": __version__,
-        "python": platform.python_version(),
-        "torch": None,
-        "transformers": None,
-        "devices": [host_device()],
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "home": str(workbench_home()),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "fake": False,
-    }
-
-
-class EngineJobs:
-    """The real engine: ``workbench.engine.Run`` for run and evaluate jobs, a model summary for inspect."""
-
-    def __init__(self):
-        import torch  # noqa: F401  (imported once, before hello, so jobs start without the import delay)
-
-    def hello(self) -> dict:
-        import torch
-
-        from workbench.engine import versions
-
-        info = base_hello()
-        info.update({k: versions()[k] for k in ("torch", "transformers")})
-        info["devices"] = self.devices()
-        return info
-
-    def devices(self) -> list[dict]:
-        """The host and each visible GPU with its memory now (``torch.cuda.mem_get_info``: no synchronization)."""
-        import torch
-
-        devices = [host_device()]
-        if torch.cuda.is_available():
-            for index in range(torch.cuda.device_count()):
-                free, total = torch.cuda.mem_get_info(index)
-                devices.append({"kind": "cuda", "index": index, "name": torch.cuda.get_device_name(index),
-                                "total": int(total), "free": int(free), "process": int(torch.cuda.memory_reserved(index))})
-        return devices
-
-    def execute(self, job: Job, emit: Emit, cancel: Callable[[], bool]) -> dict:
-        if job.kind == "inspect":
-            return inspect_model(job.request, emit)
-        if job.kind == "preview":
-            from .preview import preview_calibration
-
-            return preview_calibration(job.request, emit, cancel)
-        from workbench.engine import Run
-
-        return Run(job.request, emit, cancel, run_id=job.run_id).execute()
-
-
-def inspect_model(model, emit: Emit) -> dict:
-    """``model_summary`` plus every linear's shape and the memory a compression run needs.
-
-    Memory, in bytes at the load dtype: ``weights`` (held on the host), the
-    ``largest_layer`` (resident on the device during layer-by-layer work) and
-    ``activations_per_sample`` (one calibration sample's layer input and output
-    at ``seqlen``; times ``calibration.nsamples`` on the device, or on the host
-    with ``calibration.offload_activations``).
-    """
-    import time
-
-    import torch
-
-    from workbench.engine import MAX_SEQLEN
-    from workbench.events import StageFinished, StageStarted
-    from workbench.models import dtype_name, load_model, model_summary, weight_matrix
-
-    emit(StageStarted(stage="load", title=f"Loading {model.name}"))
-    t0 = time.perf_counter()
-    loaded = load_model(model.name, dtype=model.dtype, device=model.device, trust_remote_code=model.trust_remote_code)
-    emit(StageFinished(stage="load", seconds=time.perf_counter() - t0))
-    adapter = loaded.adapter
-    summary = model_summary(loaded)
-    size = torch.empty((), dtype=loaded.dtype).element_size()
-    seqlen = min(MAX_SEQLEN, adapter.context_length or MAX_SEQLEN)
-    summary["linear_shapes"] = {
-        f"{adapter.layer_name(i)}.{name}": list(weight_matrix(module).shape)
-        for i, layer in enumerate(adapter.layers) for name, module in adapter.linear_modules(layer).items()
-    }
-    largest = max((sum(p.numel() for p in layer.parameters()) for layer in adapter.layers), default=0)
-    summary["memory"] = {
-        "dtype": dtype_name(loaded.dtype),
-        "weights": summary["total_params"] * size,
-        "largest_layer": largest * size,
-        "activations_per_sample": 2 * seqlen * (summary["hidden_size"] or 0) * size,
-        "seqlen": seqlen,
-    }
-    summary["device"] = str(loaded.device)
-    return summary
-
-
 # --------------------------------------------------------------------------- the worker
 
 
@@ -261,7 +134,7 @@ def _job_of(line: bytes) -> str | None:
     """The job id of a line that failed to decode, when it can be read at all (for the error reply)."""
     try:
         job = json.loads(line).get("job")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+    except Exception:  # noqa: BLE001 - any unreadable line (too deep, not JSON, not an object) has no job to name
         return None
     return job if isinstance(job, str) else None
 
@@ -276,15 +149,25 @@ class Worker:
         self.queue: deque[Job] = deque()
         self.current: Job | None = None
         self.stopping = False
+        self.stop_reason = ""
         self._cv = threading.Condition()
 
     # -------------------------------------------------------------- main thread
     def serve(self, stream: BinaryIO) -> int:
-        self.channel.send("hello", **self.jobs.hello())
+        self.channel.send("hello", protocol=PROTOCOL_VERSION, **self.jobs.hello())
         runner = threading.Thread(target=self._run_jobs, name="workbench-jobs", daemon=True)
         runner.start()
         reason = "the client closed the connection"
-        for line in stream:
+        try:
+            reason = self._read(stream) or reason
+        except _Terminated:
+            reason = "terminated (SIGTERM)"
+        self._stop(reason, runner)
+        return 0
+
+    def _read(self, stream: BinaryIO) -> str | None:
+        """Handle the client's messages until shutdown (its reason) or the end of input (None)."""
+        for line in read_lines(stream):
             if not line.strip():
                 continue
             try:
@@ -298,11 +181,9 @@ class Worker:
                                   hint="the line was skipped; the worker is still running")
                 continue
             if message.type == "shutdown":
-                reason = "shutdown requested"
-                break
+                return "shutdown requested"
             self.handle(message)
-        self._stop(reason, runner)
-        return 0
+        return None
 
     def handle(self, message) -> None:
         kind, job_id = message.type, message.job
@@ -353,6 +234,7 @@ class Worker:
     def _cancel(self, job_id: str | None) -> None:
         with self._cv:
             if self.current is not None and self.current.id == job_id:
+                self.current.cancel_requested = True
                 self.current.cancel.set()  # the job raises Cancelled at its next layer boundary
                 return
             queued = next((j for j in self.queue if j.id == job_id), None)
@@ -367,6 +249,7 @@ class Worker:
     def _stop(self, reason: str, runner: threading.Thread) -> None:
         with self._cv:
             self.stopping = True
+            self.stop_reason = reason
             dropped = list(self.queue)
             self.queue.clear()
             if self.current is not None:
@@ -401,7 +284,10 @@ class Worker:
             try:
                 result = self.jobs.execute(job, emit, cancelled)
             except Exception as exc:  # every failure becomes an error message; the worker stays up
-                self.channel.send("error", job.id, **describe_error(exc))
+                error = describe_error(exc)
+                if error["kind"] == "cancelled" and self.stopping and not job.cancel_requested:
+                    error["message"] = f"the job was stopped: the worker is stopping ({self.stop_reason})"
+                self.channel.send("error", job.id, **error)
             else:
                 self.channel.send("result", job.id, kind=job.kind, result=result)
             finally:
@@ -428,8 +314,17 @@ def take_stdio() -> tuple[BinaryIO, BinaryIO]:
     return os.fdopen(proto_in, "rb"), os.fdopen(proto_out, "wb")
 
 
+class _Terminated(Exception):
+    """SIGTERM reached the worker: stop like a shutdown (cancel the job, report it, say bye)."""
+
+
+def _on_term(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the worker is already stopping
+    raise _Terminated
+
+
 def main(jobs_factory: Callable[[], Jobs], grace: float = 10.0) -> int:
-    """Run a worker on this process's stdin/stdout until shutdown or end of input."""
+    """Run a worker on this process's stdin/stdout until shutdown, end of input or SIGTERM."""
     stream, out = take_stdio()
     channel = Channel(out)
     try:
@@ -437,4 +332,5 @@ def main(jobs_factory: Callable[[], Jobs], grace: float = 10.0) -> int:
     except WorkbenchError as exc:  # e.g. a fake worker's bad option: say so on the protocol, then leave
         channel.send("error", kind=exc.kind, message=exc.message, hint=exc.hint)
         return 2
+    signal.signal(signal.SIGTERM, _on_term)
     return Worker(channel, jobs, grace=grace).serve(stream)

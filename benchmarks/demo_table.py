@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.calibration import calibration_samples  # noqa: E402
+from workbench.data.sampling import calibration_samples  # noqa: E402
 from workbench.models import load_model  # noqa: E402
 from workbench.perplexity import eval_tokens, perplexity  # noqa: E402
-from workbench.pruner import Pruner  # noqa: E402
-from workbench.spec import PruneStep  # noqa: E402
+from workbench.pruning.runner import prune  # noqa: E402
+from workbench.pruning.family import PruneStep  # noqa: E402
 
 SETTINGS = [("50%", {"sparsity": 0.5}), ("70%", {"sparsity": 0.7}), ("2:4", {"pattern": "2:4"})]
 METHODS = ["magnitude", "wanda", "sparsegpt"]
@@ -59,7 +59,7 @@ def main():
         loaded.model.load_state_dict(dense_state)
         step = PruneStep(method=method.replace("owl-", ""), **kw)
         t0 = time.perf_counter()
-        Pruner(loaded, tokens, step, batch_size=16).run()
+        prune(loaded, tokens, step, batch_size=16)
         seconds = time.perf_counter() - t0
         rows.append((method, label, ppl(), seconds))
         print(f"{method} {label}: {rows[-1][2]} ({seconds:.1f} s)", file=sys.stderr, flush=True)

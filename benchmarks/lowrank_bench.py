@@ -52,7 +52,7 @@ def bench(label, loaded, calibration, objective_ids, trials, sampler, batch_size
     add("dense objective pass (baseline)", base, rss, gpu, base)
 
     def statistics():
-        box["factors"] = dense_factorizations(LayerPass(loaded, calibration, budget, "feature", batch_size=batch_size), 0.5)
+        box["factors"] = dense_factorizations(LayerPass(loaded, calibration, budget, "feature", batch_size=batch_size))
 
     add("statistics + eigendecompositions (once)", *measure(statistics, device), base)
 
@@ -69,14 +69,14 @@ def bench(label, loaded, calibration, objective_ids, trials, sampler, batch_size
     box.pop("factors")
 
     def apply():
-        apply_sequential(LayerPass(loaded, calibration, budget, "feature", batch_size=batch_size), ranks, 0.5, 0.8)
+        apply_sequential(LayerPass(loaded, calibration, budget, "feature", batch_size=batch_size), ranks, 0.8)
 
     add("sequential application of the best", *measure(apply, device), base)
     return rows
 
 
 def demo_rows(device, nsamples, seqlen, chunks, chunk_len, trials, sampler, batch_size, rows):
-    from workbench.calibration import calibration_samples
+    from workbench.data.sampling import calibration_samples
     from workbench.models import load_model
 
     loaded = load_model("demo", dtype="float32", device=str(device))

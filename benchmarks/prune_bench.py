@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench.layerwise import LayerRunner, Resident, capture_inputs  # noqa: E402
 from workbench.models import LoadedModel, get_adapter  # noqa: E402
-from workbench.pruner import Pruner  # noqa: E402
-from workbench.spec import PruneStep  # noqa: E402
+from workbench.pruning.runner import prune  # noqa: E402
+from workbench.pruning.family import PruneStep  # noqa: E402
 
 
 class PeakRSS:
@@ -100,8 +100,7 @@ def bench_model(label, loaded, tokens, methods, batch_size, rows=None, sink=None
     sink(rows)
     for name, step in methods:
         loaded.model.load_state_dict(state)
-        pruner = Pruner(loaded, tokens, step, batch_size=batch_size)
-        s, rss, gpu = measure(pruner.run, device)
+        s, rss, gpu = measure(lambda step=step: prune(loaded, tokens, step, batch_size=batch_size), device)
         rows.append({"model": label, "method": name, "seconds": s, "ratio": s / base_s, "cpu_rss_gib": rss, "gpu_peak_gib": gpu})
         print(f"  {label} {name}: {s:.2f} s", file=sys.stderr, flush=True)
         sink(rows)
@@ -119,7 +118,7 @@ METHODS = [
 
 
 def demo_rows(device, nsamples, seqlen, batch_size, rows=None, sink=None):
-    from workbench.calibration import calibration_samples
+    from workbench.data.sampling import calibration_samples
     from workbench.models import load_model
 
     loaded = load_model("demo", dtype="float32", device=str(device))

@@ -37,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prune_bench import measure  # noqa: E402  (wall time, peak CPU RSS, peak GPU memory)
 
-from workbench import selfgen  # noqa: E402
-from workbench.calibration import SourceContext, calibration_data, calibration_summary  # noqa: E402
+from workbench.data import selfgen  # noqa: E402
+from workbench.data.sampling import calibration_data  # noqa: E402
+from workbench.data.sources import SourceContext  # noqa: E402
+from workbench.data.summary import calibration_summary  # noqa: E402
 from workbench.spec import SelfGenSpec  # noqa: E402
 
 

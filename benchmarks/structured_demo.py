@@ -153,7 +153,7 @@ def main():
         print(f"{name}: " + ", ".join(f"{d} {p:.2f} ({b:.4f} bpb)" for d, (p, b) in m.items()) +
               f"  [{rows[-1]['seconds']:.0f} s]", file=sys.stderr, flush=True)
 
-    print(f"\n| configuration | parameters | wikitext2 ppl | wikitext2 bits/byte | books ppl | books bits/byte | removed layers |")
+    print("\n| configuration | parameters | wikitext2 ppl | wikitext2 bits/byte | books ppl | books bits/byte | removed layers |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         w, b = r["metrics"]["wikitext2"], r["metrics"]["books"]

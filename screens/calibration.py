@@ -30,6 +30,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static, TabbedContent, TabPane
 
 from workbench.errors import UserError
+from workbench.data.sources import describe_source, mixture_counts, parse_mixture
 from workbench.spec import CalibrationSpec, SelfGenSpec, spec_from_dict
 
 from .base import WorkbenchScreen
@@ -152,7 +153,6 @@ def calibration_problem(session) -> UserError | None:
         return exc
     c = spec.calibration
     if c.source.startswith("mix:"):
-        from workbench.calibration import mixture_counts, parse_mixture
 
         try:
             mixture_counts(parse_mixture(c.source[4:]), c.nsamples)
@@ -163,7 +163,6 @@ def calibration_problem(session) -> UserError | None:
 
 def mixture_samples(session) -> dict[str, int]:
     """Samples each mixture source gets at the current nsamples (empty while the mixture is not valid)."""
-    from workbench.calibration import mixture_counts, parse_mixture
 
     source = str(session.get("calibration.source", "c4"))
     try:
@@ -328,7 +327,6 @@ class CalibrationScreen(WorkbenchScreen):
 
     @staticmethod
     def _description(source: str) -> str:
-        from workbench.calibration import describe_source  # no torch
 
         try:
             return describe_source(source)

@@ -23,6 +23,8 @@ def add_arguments(parser) -> None:
                                                                  "'~/venv/bin/workbench worker' on an ssh host")
     parser.add_argument("--ssh-option", dest="ssh_options", action="append", default=[], metavar="OPTION",
                         help="an ssh -o option for ssh:// backends (repeatable)")
+    parser.add_argument("--hello-timeout", type=float, metavar="SECONDS",
+                        help="how long a starting worker has to say hello (default 120; [backend] hello_timeout)")
 
 
 def cmd_ui(args) -> int:
@@ -42,5 +44,6 @@ def cmd_ui(args) -> int:
     session = Session(args.preset, backend)  # a bad preset fails here, before the screen is taken over
     from .app import WorkbenchApp
 
-    WorkbenchApp(session, config=config).run()
+    timeout = args.hello_timeout or config.hello_timeout
+    WorkbenchApp(session, config=config, client_options={"start_timeout": timeout} if timeout else None).run()
     return 0

@@ -16,7 +16,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Checkbox, Input, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
-from workbench.spec import STEP_TYPES, _build_step
+from workbench.registry import step_types
+from workbench.spec.validate import build_step
 
 from .base import WorkbenchScreen
 from .stepforms import StepForm, description, problem_location, problem_text
@@ -29,7 +30,7 @@ STARTERS = {"depth": {"remove": 1}, "width": {"mlp_width": 0.75}, "vocab": {"fra
 def step_label(step: dict, index: int) -> str:
     """The step's own label (``wanda 50%``), or its raw type while its values do not build."""
     try:
-        return _build_step(step, index).label()
+        return build_step(step, index).label()
     except Exception:  # any half-typed value: the label waits for a valid one
         return str(step.get("type", "prune")) if isinstance(step, dict) else "?"
 
@@ -45,7 +46,7 @@ class StepTypeModal(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Static("Add a compression step:", id="modal-message")
-            yield OptionList(*(Option(Text.assemble((kind, "bold"), f"  {description(kind)}"), id=kind) for kind in STEP_TYPES),
+            yield OptionList(*(Option(Text.assemble((kind, "bold"), f"  {description(kind)}"), id=kind) for kind in step_types()),
                              id="step-types")
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
@@ -122,7 +123,7 @@ class CompressionScreen(WorkbenchScreen):
         step = self.steps[self.selected]
         kind = step.get("type", "prune") if isinstance(step, dict) else "?"
         title.update(Text.assemble(f"Step {self.selected + 1}: {kind}",
-                                   (f"\n{description(kind)}" if kind in STEP_TYPES else "", "dim not bold")))
+                                   (f"\n{description(kind)}" if kind in step_types() else "", "dim not bold")))
         await box.mount(StepForm(self.selected, step if isinstance(step, dict) else {}, id="step-form"))
         self._validate()
 

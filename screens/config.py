@@ -41,6 +41,7 @@ class Config:
     backend: Backend = field(default_factory=Backend)
     path: Path | None = None
     problem: tuple[str, str] | None = None  # (message, hint) when the file could not be used
+    hello_timeout: float | None = None  # seconds a starting worker has to say hello ([backend] hello_timeout)
 
 
 def load_config(path: Path | None = None) -> Config:
@@ -49,7 +50,7 @@ def load_config(path: Path | None = None) -> Config:
     if not path.is_file():
         return config
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         config.problem = (f"the settings file {path} could not be read: {exc}", "fix it, or move it away to use the defaults")
         return config
@@ -60,7 +61,7 @@ def load_config(path: Path | None = None) -> Config:
         config.keymap = dict(keymap)
     backend = data.get("backend", {})
     if isinstance(backend, dict):
-        allowed = {"where", "gpus", "worker_command", "ssh_options"}
+        allowed = {"where", "gpus", "worker_command", "ssh_options", "hello_timeout"}
         unknown = sorted(set(backend) - allowed)
         if unknown:
             config.problem = (f"{path}: unknown [backend] key(s) {', '.join(unknown)}", f"allowed: {', '.join(sorted(allowed))}")
@@ -68,4 +69,10 @@ def load_config(path: Path | None = None) -> Config:
             config.backend = Backend(where=str(backend.get("where", "local")), gpus=str(backend.get("gpus", "")),
                                      worker_command=backend.get("worker_command"),
                                      ssh_options=list(backend.get("ssh_options", [])))
+            timeout = backend.get("hello_timeout")
+            if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
+                config.problem = (f"{path}: [backend] hello_timeout = {timeout!r} must be a positive number of seconds",
+                                  "for example hello_timeout = 300")
+            elif timeout is not None:
+                config.hello_timeout = float(timeout)
     return config

@@ -24,6 +24,7 @@ from textual.widgets import DataTable, Static
 
 from workbench.errors import UserError, WorkbenchError
 from workbench.evaluation import report
+from workbench.files import write_text_atomic
 from workbench.history import History, RunRecord
 
 from .base import WorkbenchScreen
@@ -294,7 +295,7 @@ class HistoryScreen(WorkbenchScreen):
             if not path.name.endswith(".toml"):
                 path = path.with_name(path.name + ".toml")
             try:
-                written = report.write_text_atomic(path, text)
+                written = write_text_atomic(path, text)
             except UserError as exc:
                 self.app.show_error(exc.message, exc.hint, "The preset was not saved")
             except OSError as exc:

@@ -16,6 +16,7 @@ from typing import Any
 
 from workbench.errors import UserError
 from workbench.model_source import model_problem
+from workbench.files import write_text_atomic
 from workbench.spec import RunSpec, check_guide, load_preset_data, spec_from_dict, spec_to_toml
 
 DEFAULT_PRESET = "quickstart"
@@ -165,7 +166,6 @@ class Session:
 
         A setup the user did not name takes the file's name, as a shipped preset's name is its file's.
         """
-        from workbench.evaluation.report import write_text_atomic
 
         path = Path(str(path).strip()).expanduser()
         if not path.name or path.name in (".", "..", ".toml"):
@@ -233,14 +233,14 @@ class Session:
 
 def setup_name(data: dict) -> str:
     """A run name from the setup itself: the model's short name and the steps' labels (``demo sparsegpt 60%``)."""
-    from workbench.spec import _build_step
+    from workbench.spec.validate import build_step
 
     model = str((data.get("model") or {}).get("name") or "demo").rstrip("/")
     model = model.rsplit("/", 1)[-1] or model
     labels = []
     for i, step in enumerate(data.get("steps") or []):
         try:
-            labels.append(_build_step(copy.deepcopy(step), i).label())
+            labels.append(build_step(copy.deepcopy(step), i).label())
         except Exception:  # a value being typed: its type names the step meanwhile
             labels.append(str(step.get("type", "step")) if isinstance(step, dict) else "step")
     return f"{model} {' + '.join(labels) or 'dense'}"

@@ -1,23 +1,17 @@
 """Editors for compression steps: one form per step type, derived from the step's dataclass.
 
-``step_fields(kind)`` describes every field of ``STEP_TYPES[kind]`` (in the
-dataclass's order, which lists the important ones first): its input kind
-from the annotation, its choices from the module's constants (``PRUNE_METHODS``
-for ``method`` of ``prune``, ``DEPTH_CRITERIA`` for ``criterion``...), its
-help from the field's comment, and when it applies (a comment that starts
-with ``search:`` or ``method = "random"``, a name such as ``owl_lambda``).
-A new step type registered with ``workbench.spec.register_step`` gets a form
-without any code here; the tables below only add what the dataclasses do not
-say. ``StepForm`` is the widget; it reports edits as ``StepForm.Edited``
-and leaves the session to the screen.
+``step_fields(kind)`` describes every field of the registered step type
+(``workbench.registry``) in the dataclass's order, which lists the important
+ones first: its input kind from the annotation, and its help, choices and
+when it applies from the field's metadata (``workbench.spec.fields.setting``).
+A new step type registered by its family gets a form without any code here.
+``StepForm`` is the widget; it reports edits as ``StepForm.Edited`` and leaves
+the session to the screen.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import re
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -28,25 +22,9 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
-from workbench.spec import STEP_TYPES
+from workbench.registry import step_types
+from workbench.spec.fields import setting_info
 
-# What a step does, for step types whose class has no docstring of its own.
-DESCRIPTIONS = {"prune": "Remove individual weights (magnitude, Wanda, SparseGPT), unstructured or N:M."}
-
-# Choices no module constant lists: N:M patterns are open-ended; these are the common ones.
-EXTRA_CHOICES = {("prune", "pattern"): ("unstructured", "2:4", "4:8")}
-
-# When a field applies, where its comment and name do not say: field -> (controlling field, its values).
-_SEARCH = ("allocation", ("search",))
-WHEN = {
-    "prune": {"sparsity": ("pattern", ("unstructured",)),  # N:M fixes the sparsity at N/M
-              "blocksize": ("method", ("sparsegpt",)), "percdamp": ("method", ("sparsegpt",))},
-    "lowrank": {name: _SEARCH for name in ("ratio_max", "objective_chunks", "objective_seqlen", "kl_weight",
-                                           "finalists", "storage", "study", "heartbeat")},
-}
-
-_COMMENT = re.compile(r"^\s+(\w+)\s*:[^=#]*(?:=[^#]*)?#\s*(.*)$")
-_EQUALS = re.compile(r'^(\w+)\s*=\s*"([^"]+)"')
 _PROBLEM = re.compile(r"^steps\.(\d+)(?:\.(\w+))?")
 
 
@@ -74,81 +52,20 @@ def _default(step: dict, name: str) -> Any:
     return info.default if info else None
 
 
+def known(kind: str) -> bool:
+    return kind in step_types()
+
+
 def description(kind: str) -> str:
     """One line saying what a step type does."""
-    cls = STEP_TYPES[kind]
-    doc = inspect.getdoc(cls) or ""
-    if kind in DESCRIPTIONS or doc.startswith(f"{cls.__name__}("):  # dataclass's generated signature, not prose
-        return DESCRIPTIONS.get(kind, kind)
-    return doc.splitlines()[0]
-
-
-def _comments(cls) -> dict[str, str]:
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return {m.group(1): m.group(2).strip() for m in map(_COMMENT.match, source.splitlines()) if m}
-
-
-def _choices(cls, kind: str, name: str) -> tuple:
-    """The module constant that lists ``name``'s values: ``KIND_NAMES``, ``NAMES`` or ``..._NAME`` (``DEPTH_CRITERIA``)."""
-    if (kind, name) in EXTRA_CHOICES:
-        return EXTRA_CHOICES[kind, name]
-    upper = name.upper()
-    wanted = {upper + "S", upper, upper[:-2] + "A" if upper.endswith("ON") else upper + "S"}
-    found = {const: value for const, value in vars(sys.modules[cls.__module__]).items()
-             if const.isupper() and isinstance(value, tuple) and value and all(isinstance(v, str) for v in value)
-             and any(const == w or const.endswith("_" + w) for w in wanted)}
-    preferred = [v for c, v in found.items() if c.startswith(kind.upper() + "_")]
-    if len(preferred) == 1:
-        return preferred[0]
-    return next(iter(found.values())) if len(found) == 1 else ()
-
-
-def _kind(annotation: str) -> tuple[str, bool]:
-    ann = str(annotation).replace(" ", "")
-    optional = "None" in ann
-    base = ann.replace("|None", "").replace("None|", "")
-    return ("list" if base.startswith("list") else base if base in ("bool", "int", "float") else "str"), optional
+    return step_types()[kind].description or kind
 
 
 @lru_cache(maxsize=None)
 def step_fields(kind: str) -> tuple[FieldInfo, ...]:
     """The editable fields of a step type, in the dataclass's order (``type`` left out)."""
-    cls = STEP_TYPES[kind]
-    comments = _comments(cls)
-    raw = []
-    for f in dataclasses.fields(cls):
-        if f.name == "type":
-            continue
-        base, optional = _kind(f.type)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        choices = _choices(cls, kind, f.name) if base == "str" else ()
-        if choices and default is not None and default not in choices:
-            choices = ()  # the constant is about something else
-        raw.append((f.name, "choice" if choices else base, optional, default, choices))
-    values = {name: set(choices) for name, _, _, _, choices in raw if choices}
-    fields = []
-    for name, base, optional, default, choices in raw:
-        help_text = comments.get(name, "")
-        fields.append(FieldInfo(name, base, optional, default, choices, help_text,
-                                WHEN.get(kind, {}).get(name) or _when(name, help_text, values)))
-    return tuple(fields)
-
-
-def _when(name: str, help_text: str, values: dict[str, set]) -> tuple[str, tuple] | None:
-    """A condition read from the comment (``search: ...``, ``method = "random"``) or the name (``owl_m``)."""
-    match = _EQUALS.match(help_text)
-    if match and match.group(1) in values and match.group(2) in values[match.group(1)]:
-        return match.group(1), (match.group(2),)
-    words = [help_text.split(" ")[0].rstrip(":;,"), name.split("_")[0]] if help_text else [name.split("_")[0]]
-    for word in words:
-        owners = [field for field, options in values.items() if field != name and word in options]
-        if len(owners) == 1:
-            return owners[0], (word,)
-    return None
+    return tuple(FieldInfo(s.name, "choice" if s.choices else s.kind, s.optional, s.default, s.choices, s.help, s.when)
+                 for s in setting_info(step_types()[kind].spec))
 
 
 def parse_value(info: FieldInfo, text: str) -> Any:
@@ -206,7 +123,7 @@ class StepForm(Vertical):
         super().__init__(**kwargs)
         self.index, self.step = index, step
         self.kind = step.get("type", "prune")
-        self.fields = {f.name: f for f in step_fields(self.kind)} if self.kind in STEP_TYPES else {}
+        self.fields = {f.name: f for f in step_fields(self.kind)} if known(self.kind) else {}
 
     def compose(self) -> ComposeResult:
         if not self.fields:
@@ -286,7 +203,7 @@ class StepForm(Vertical):
         return None
 
     def help_for(self, widget_id: str | None) -> str:
-        """A line about a field: its kind, default and the dataclass's comment."""
+        """A line about a field: its kind, default and its help."""
         info = self.fields.get((widget_id or "").removeprefix("field-"))
         if info is None:
             return ""

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench import calibration, corpora
-from workbench.calibration import calibration_samples, describe_source, register_source, source_names
+from workbench.data import cache as wb_cache, corpora, sampling, sources
+from workbench.data.sampling import calibration_samples
+from workbench.data.sources import describe_source, register_source, source_names
 from workbench.errors import UserError
 
-DEMO = Path(calibration.__file__).resolve().parent / "assets" / "demo-llama"
-DATA = Path(calibration.__file__).resolve().parent / "assets" / "data"
+DEMO = Path(sources.__file__).resolve().parents[1] / "assets" / "demo-llama"
+DATA = Path(sources.__file__).resolve().parents[1] / "assets" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def words_text(tag: str, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def c4_ids(tok):
-    # Read the bundled file here, independently of workbench.corpora.
+    # Read the bundled file here, independently of workbench.data.corpora.
     with gzip.open(DATA / "c4-train-1000.jsonl.gz", "rt", encoding="utf-8") as fh:
         docs = [json.loads(line)["text"] for line in fh]
     assert len(docs) == 1000
@@ -186,13 +187,13 @@ def test_parquet_file(tok, tmp_path):
 @pytest.fixture
 def count_encodes(monkeypatch):
     calls = {"n": 0}
-    real = calibration._encode
+    real = sampling.encode
 
     def counted(tokenizer, text):
         calls["n"] += 1
         return real(tokenizer, text)
 
-    monkeypatch.setattr(calibration, "_encode", counted)
+    monkeypatch.setattr(sampling, "encode", counted)
     return calls
 
 
@@ -234,7 +235,7 @@ def test_cache_misses_for_another_tokenizer(tok, tmp_path, count_encodes):
     calibration_samples("wikitext2", tok, nsamples=2, seqlen=16, cache_dir=cache)
     other = AutoTokenizer.from_pretrained(str(DEMO))
     other.add_tokens(["zzqqxx"])
-    assert calibration.tokenizer_fingerprint(other) != calibration.tokenizer_fingerprint(tok)
+    assert wb_cache.tokenizer_fingerprint(other) != wb_cache.tokenizer_fingerprint(tok)
     before = count_encodes["n"]
     calibration_samples("wikitext2", other, nsamples=2, seqlen=16, cache_dir=cache)
     assert count_encodes["n"] == before + 1
@@ -389,7 +390,7 @@ def test_describe_every_source():
 
 
 def test_register_source_documents_and_tensors(tok, monkeypatch, tmp_path):
-    monkeypatch.setattr(calibration, "_SOURCES", dict(calibration._SOURCES))
+    monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))
     seen = {}
 
     def selfgen(arg, tokenizer, nsamples, seqlen, seed, model):
@@ -412,6 +413,31 @@ def test_register_source_documents_and_tensors(tok, monkeypatch, tmp_path):
     # Registered sources are not cached unless they ask for it.
     calibration_samples("selfgen", tok, nsamples=1, seqlen=8, cache_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+def test_a_registered_source_is_valid_everywhere_it_is_asked(tok, monkeypatch, tmp_path):
+    """One registry: a source added with register_source passes spec validation and describe_source, and the engine and
+    the preview both build their windows from it."""
+    from workbench.data.preview import preview_calibration
+    from workbench.engine import Run
+    from workbench.models import load_model
+    from workbench.spec import spec_from_dict
+
+    monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))
+    text = words_text("mine", 400)
+    register_source("mine", lambda arg, t, n, s, seed, m: [text], description="my own text", takes_arg=False)
+    data = {"model": {"name": "demo"}, "calibration": {"source": "mine", "nsamples": 2, "seqlen": 32, "summary": False},
+            "steps": [{"type": "prune", "method": "wanda", "sparsity": 0.5}],
+            "evaluate": {"perplexity": ["wikitext2"], "seqlen": 32, "limit": 1, "before": False}}
+    spec = spec_from_dict(data)  # validation asks the registry
+    assert describe_source("mine") == "my own text"
+    run = Run(spec)
+    summary = run.execute()
+    expected = calibration_samples("mine", run.loaded.tokenizer, nsamples=2, seqlen=32)
+    assert summary["calibration"]["source"] == "mine" and torch.equal(run.tokens, expected)
+    check_windows_of(expected, [encode(run.loaded.tokenizer, text)])
+    preview = preview_calibration(spec, lambda event: None, loaded=load_model("demo", dtype="float32"))
+    assert preview["description"] == "my own text" and preview["windows"] == 2 and preview["documents"] == 1
 
 
 def test_corrupt_parquet_is_a_user_error(tmp_path):

@@ -7,8 +7,9 @@ from workbench.engine import Run
 from workbench.errors import Cancelled
 from workbench.events import LayerDone
 from workbench.models import load_model, weight_matrix
-from workbench.pruner import Pruner
-from workbench.spec import PruneStep, load_preset
+from workbench.pruning.runner import prune
+from workbench.pruning.family import PruneStep
+from workbench.spec import load_preset
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def tokens(demo):
-    from workbench.calibration import calibration_samples
+    from workbench.data.sampling import calibration_samples
 
     return calibration_samples("c4", demo.tokenizer, nsamples=8, seqlen=128, seed=0)
 
@@ -40,7 +41,7 @@ def _weights(loaded):
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_unstructured_sparsity_matches_the_request_in_every_linear(fresh, tokens, method):
     events = []
-    report = Pruner(fresh, tokens, PruneStep(method=method, sparsity=0.6), batch_size=4, emit=events.append).run()
+    report = prune(fresh, tokens, PruneStep(method=method, sparsity=0.6), batch_size=4, emit=events.append)
     assert [e.layer for e in events if isinstance(e, LayerDone)] == list(range(8))
     for i, name, w in _weights(fresh):
         out, cols = w.shape
@@ -58,7 +59,7 @@ def test_unstructured_sparsity_matches_the_request_in_every_linear(fresh, tokens
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_nm_pattern_is_exact(fresh, tokens, method):
-    Pruner(fresh, tokens, PruneStep(method=method, pattern="2:4"), batch_size=4).run()
+    prune(fresh, tokens, PruneStep(method=method, pattern="2:4"), batch_size=4)
     for i, name, w in _weights(fresh):
         groups = (w.reshape(w.shape[0], -1, 4) == 0).sum(-1)
         assert (groups == 2).all(), (i, name)
@@ -67,12 +68,12 @@ def test_nm_pattern_is_exact(fresh, tokens, method):
 def test_sparsegpt_changes_the_kept_weights_and_wanda_does_not(fresh, tokens):
     dense_state = {k: v.clone() for k, v in fresh.model.state_dict().items()}
     before = {(i, n): w.clone() for i, n, w in _weights(fresh)}
-    Pruner(fresh, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=4).run()
+    prune(fresh, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=4)
     for i, n, w in _weights(fresh):
         kept = w != 0
         assert torch.equal(w[kept], before[(i, n)][kept])
     fresh.model.load_state_dict(dense_state)
-    Pruner(fresh, tokens, PruneStep(method="sparsegpt", sparsity=0.5), batch_size=4).run()
+    prune(fresh, tokens, PruneStep(method="sparsegpt", sparsity=0.5), batch_size=4)
     for i, n, w in _weights(fresh):
         kept = w != 0
         # the OBS update moves the kept weights to compensate for the pruned ones
@@ -82,7 +83,7 @@ def test_sparsegpt_changes_the_kept_weights_and_wanda_does_not(fresh, tokens):
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_owl_layer_targets_average_to_the_request(fresh, tokens, method):
     step = PruneStep(method=method, sparsity=0.7, allocation="owl")
-    report = Pruner(fresh, tokens, step, batch_size=4).run()
+    report = prune(fresh, tokens, step, batch_size=4)
     targets = [l["target"] for l in report["layers"]]
     assert abs(sum(targets) / len(targets) - 0.7) < 1e-6
     assert max(targets) - min(targets) == pytest.approx(2 * 0.08, abs=1e-6)
@@ -102,16 +103,16 @@ def test_cancel_stops_at_a_layer_boundary(fresh, tokens):
         return len(seen) >= 3
 
     with pytest.raises(Cancelled):
-        Pruner(fresh, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=4,
-               emit=lambda e: seen.append(e) if isinstance(e, LayerDone) else None, cancel=cancel).run()
+        prune(fresh, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=4,
+               emit=lambda e: seen.append(e) if isinstance(e, LayerDone) else None, cancel=cancel)
     assert [e.layer for e in seen] == [0, 1, 2]
 
 
 def test_lm_head_is_left_dense_unless_asked(fresh, tokens):
     head = weight_matrix(fresh.adapter.lm_head)
-    Pruner(fresh, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=4).run()
+    prune(fresh, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=4)
     assert int((head == 0).sum()) == 0
-    report = Pruner(fresh, tokens, PruneStep(method="wanda", sparsity=0.5, include_lm_head=True), batch_size=4).run()
+    report = prune(fresh, tokens, PruneStep(method="wanda", sparsity=0.5, include_lm_head=True), batch_size=4)
     assert report["lm_head"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert ((head == 0).sum(1) == head.shape[1] // 2).all()
 
@@ -155,9 +156,9 @@ def test_pruning_a_head_tied_to_the_embeddings_is_refused():
                          dtype=torch.float32)
     tokens = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
     with pytest.raises(UserError, match="shares its weights"):
-        Pruner(loaded, tokens, PruneStep(method="wanda", sparsity=0.5, include_lm_head=True), batch_size=2).run()
+        prune(loaded, tokens, PruneStep(method="wanda", sparsity=0.5, include_lm_head=True), batch_size=2)
     # without the head, GPT-2's Conv1D layers are pruned through their transposed views
-    Pruner(loaded, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=2).run()
+    prune(loaded, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=2)
     for layer in loaded.adapter.layers:
         for name, module in loaded.adapter.linear_modules(layer).items():
             w = weight_matrix(module)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -180,15 +181,116 @@ def test_failed_export_leaves_nothing(tiny_llama, tokenizer, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_reexport_replaces_existing_folder(tiny_llama, tokenizer, tmp_path):
+def test_reexport_replaces_an_earlier_export_only_when_asked(tiny_llama, tokenizer, tmp_path):
     out = tmp_path / "out"
     export_model(tiny_llama, tokenizer, out, {"run": 1})
-    (out / "stale.txt").write_text("from an older export")
-    export_model(tiny_llama, tokenizer, out, {"run": 2})
+    info = read_export_info(out)
+    assert info["exported_by"].startswith("workbench")
+    assert sorted(info["files"]) == sorted(p.name for p in out.iterdir())
+    before = _snapshot(out)
+    with pytest.raises(UserError) as err:
+        export_model(tiny_llama, tokenizer, out, {"run": 2})
+    assert "earlier workbench export" in err.value.message and "--overwrite" in err.value.hint
+    assert _snapshot(out) == before
+    export_model(tiny_llama, tokenizer, out, {"run": 2}, overwrite=True)
     assert read_export_info(out)["run"] == 2
-    assert not (out / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` with its bytes (and every folder), to compare byte for byte."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def _user_folder(folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "data").mkdir()
+    (folder / "data" / "train.jsonl").write_bytes(b'{"text": "mine"}\n' * 3)
+    (folder / ".hidden").write_bytes(bytes(range(256)))
+    return _snapshot(folder)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_that_is_not_an_export_is_never_touched(tiny_llama, tokenizer, tmp_path, overwrite):
+    out = tmp_path / "mine"
+    before = _user_folder(out)
+    with pytest.raises(UserError) as err:
+        export_model(tiny_llama, tokenizer, out, INFO, overwrite=overwrite)
+    assert "not a workbench export" in err.value.message and str(out) in err.value.message
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+
+
+def test_an_export_holding_user_files_is_not_replaced(tiny_llama, tokenizer, tmp_path):
+    out = tmp_path / "out"
+    export_model(tiny_llama, tokenizer, out, {"run": 1})
+    (out / "notes.txt").write_text("written by the user after the export")
+    (out / "eval").mkdir()
+    before = _snapshot(out)
+    with pytest.raises(UserError) as err:
+        export_model(tiny_llama, tokenizer, out, {"run": 2}, overwrite=True)
+    assert "notes.txt" in err.value.message and "eval/" in err.value.message
+    assert _snapshot(out) == before
+
+
+def test_an_older_export_without_a_file_list_is_replaced_when_asked(tiny_llama, tokenizer, tmp_path):
+    out = tmp_path / "out"
+    export_model(tiny_llama, tokenizer, out, {"run": 1})
+    info = read_export_info(out)
+    del info["files"], info["exported_by"]  # what exports wrote before they named themselves
+    (out / INFO_FILE).write_text(json.dumps(info))
+    export_model(tiny_llama, tokenizer, out, {"run": 2}, overwrite=True)
+    assert read_export_info(out)["run"] == 2
+
+
+def test_an_empty_folder_is_filled_and_kept(tiny_llama, tokenizer, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    inode = out.stat().st_ino
+    export_model(tiny_llama, tokenizer, out, INFO)
+    assert out.stat().st_ino == inode  # the user's folder itself, not a replacement
+    assert read_export_info(out)["spec"] == INFO["spec"]
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_stale_temporary_folders_are_cleaned_by_the_next_export(tiny_llama, tokenizer, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / ".out.tmp-0badf00d"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    (stale / ".workbench-partial").write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid}))
+    live = tmp_path / ".out.tmp-00c0ffee"  # another export to the same folder, still being written
+    live.mkdir()
+    (live / ".workbench-partial").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    not_ours = tmp_path / ".out.tmp-mine"  # not our naming: never touched
+    not_ours.mkdir()
+    other = tmp_path / ".other.tmp-0badf00d"  # another export's name: not this export's business
+    other.mkdir()
+    messages = []
+    export_model(tiny_llama, tokenizer, tmp_path / "out", INFO, log=messages.append)
+    assert not stale.exists()
+    assert live.is_dir() and not_ours.is_dir() and other.is_dir()
+    assert any(".out.tmp-0badf00d" in m for m in messages)
+
+
+def test_an_interrupted_replacement_is_put_back(tiny_llama, tokenizer, tmp_path):
+    out = tmp_path / "out"
+    export_model(tiny_llama, tokenizer, out, {"run": 1})
+    aside = tmp_path / ".out.old-12345678"
+    os.rename(out, aside)  # killed between moving the old export aside and moving the new one in
+    export_model(tiny_llama, tokenizer, tmp_path / "out2", {"run": 9})  # another name: leaves it alone
+    assert aside.is_dir()
+    with pytest.raises(UserError):  # the old export is back in place first, and needs --overwrite
+        export_model(tiny_llama, tokenizer, out, {"run": 2})
+    assert read_export_info(out)["run"] == 1 and not aside.exists()
 
 
 def test_failed_reexport_keeps_old_folder(tiny_llama, tokenizer, tmp_path, monkeypatch):
@@ -197,7 +299,7 @@ def test_failed_reexport_keeps_old_folder(tiny_llama, tokenizer, tmp_path, monke
     before = sorted(p.name for p in out.iterdir())
     _failing_save(tiny_llama, monkeypatch)
     with pytest.raises(RuntimeError):
-        export_model(tiny_llama, tokenizer, out, {"run": 2})
+        export_model(tiny_llama, tokenizer, out, {"run": 2}, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == before
     assert read_export_info(out)["run"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -230,7 +332,7 @@ def test_failed_swap_restores_old_folder(tiny_llama, tokenizer, tmp_path, monkey
 
     monkeypatch.setattr(export_mod.os, "rename", rename)
     with pytest.raises(RunError):
-        export_model(tiny_llama, tokenizer, out, {"run": 2})
+        export_model(tiny_llama, tokenizer, out, {"run": 2}, overwrite=True)
     assert read_export_info(out)["run"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

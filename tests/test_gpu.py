@@ -58,8 +58,8 @@ def test_sparsegpt_on_cuda_matches_the_cpu(pattern):
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_peak_gpu_memory_stays_near_one_layer(method):
-    from workbench.pruner import Pruner
-    from workbench.spec import PruneStep
+    from workbench.pruning.runner import prune
+    from workbench.pruning.family import PruneStep
 
     # Layers large enough that the CUDA libraries' fixed workspaces (tens of MB) do not dominate, and deep
     # enough that the whole model dwarfs what one layer needs: the layer, the activations, and the
@@ -71,7 +71,7 @@ def test_peak_gpu_memory_stays_near_one_layer(method):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    report = Pruner(loaded, tokens, PruneStep(method=method, sparsity=0.5), batch_size=8).run()
+    report = prune(loaded, tokens, PruneStep(method=method, sparsity=0.5), batch_size=8)
     peak = torch.cuda.max_memory_allocated() - before
     assert abs(report["sparsity"] - 0.5) < 0.01
     # the whole model never sits on the GPU: one layer, the embeddings, activations and statistics do

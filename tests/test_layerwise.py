@@ -11,6 +11,8 @@ import pytest
 import torch
 import transformers as tf
 
+from workbench.observers import Hessian, SquaredNorm
+from workbench.sweep import LayerSweep, Watch
 from workbench.layerwise import LayerRunner, capture_inputs
 from workbench.models import get_adapter
 
@@ -64,19 +66,14 @@ def test_layer_by_layer_reproduces_the_full_forward(name):
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_collect_groups_linears_that_share_an_input():
+def test_sweep_statistics_group_linears_that_share_an_input():
     model = _tiny("llama")
     adapter = get_adapter(model)
     tokens = torch.randint(0, 97, (4, SEQ), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         captured = capture_inputs(adapter, tokens, "cpu", batch_size=4)
-        runner = LayerRunner(adapter, captured, "cpu")
         layer = adapter.layers[0]
         linears = adapter.linear_modules(layer)
-        from workbench.models import weight_matrix
-
-        stats = runner.collect(layer, 0, linears, hessian=True, sq_norm=True,
-                               weight_shape=lambda m: tuple(weight_matrix(m).shape))
         # independent: record each linear's input with plain hooks and compare
         seen = {}
 
@@ -91,10 +88,15 @@ def test_collect_groups_linears_that_share_an_input():
         layer(captured.hidden[0], *args, **kwargs)
         for h in hooks:
             h.remove()
+        kept = {}
+        watch = Watch(inputs={"sq_norm": SquaredNorm, "hessian": Hessian})
+        LayerSweep(adapter, device="cpu", captured=captured).run(lambda lay, i, s: kept.update(stats=s), watch,
+                                                                 layers=range(1))
+    stats = kept["stats"]
     groups = sorted(sorted(g) for g in stats.groups)
     assert groups == sorted([sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]), ["self_attn.o_proj"],
                              sorted(["mlp.gate_proj", "mlp.up_proj"]), ["mlp.down_proj"]])
     for name, x in seen.items():
-        torch.testing.assert_close(stats.stats[name].sq_norm, x.pow(2).sum(0), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(stats.stats[name].hessian, x.t() @ x, rtol=1e-4, atol=1e-4)
-        assert stats.stats[name].tokens == 4 * SEQ
+        torch.testing.assert_close(stats.inputs[name]["sq_norm"], x.pow(2).sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.inputs[name]["hessian"], x.t() @ x, rtol=1e-4, atol=1e-4)
+    assert stats.inputs["self_attn.q_proj"]["hessian"] is stats.inputs["self_attn.v_proj"]["hessian"]  # computed once

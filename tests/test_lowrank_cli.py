@@ -97,7 +97,7 @@ def test_a_killed_search_resumes_without_losing_finished_trials(capsys, tmp_path
         assert any(t.system_attrs.get("failed_trial") == number for t in complete)
     summary = json.loads(out)
     with History() as history:
-        assert history.get(runs[0].id).status == "cancelled"
+        assert history.get(runs[0].id).status == "died"  # killed: its process is gone, and the history says so
         trial_events = [e for e in history.events(summary["run_id"]) if e["type"] == "trial"]
     assert {e["number"] for e in trial_events} >= set(finished)  # the resumed run shows the whole study
 

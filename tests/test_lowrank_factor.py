@@ -14,7 +14,7 @@ from workbench.lowrank.factor import (
     rank_for_ratio, svd_factorization,
 )
 from workbench.lowrank.modules import LowRankLinear
-from workbench.lowrank.stats import InputAbsMean, OutputStats
+from workbench.observers import InputAbsMean, OutputCovariance as OutputStats
 
 
 def _outputs(fac, rank, x):
@@ -40,10 +40,10 @@ def test_full_rank_factorizations_reproduce_the_layer(with_bias):
     bias = b if with_bias else None
     dense = x.double() @ w.double().t() + (b.double() if with_bias else 0)
     stats = OutputStats(24, "cpu")
-    stats.add(x @ w.t() + (b if with_bias else 0))
+    stats.update(x @ w.t() + (b if with_bias else 0))
     cov, mean = stats.result()
     absmean = InputAbsMean(40, "cpu")
-    absmean.add(x)
+    absmean.update(x)
     cases = {
         "feature": (feature_factorization(w, bias, 24, cov, mean), 24),  # Q_r Q_r^T = I at rank = out
         "svd": (svd_factorization(w, bias, 24), 24),  # rank = min(out, in)
@@ -59,7 +59,7 @@ def test_mean_correction_keeps_the_mean_output_on_the_calibration_data(with_bias
     bias = b if with_bias else None
     y = x.double() @ w.double().t() + (b.double() if with_bias else 0)  # the layer's own outputs
     stats = OutputStats(48, "cpu")
-    stats.add(y.float())
+    stats.update(y.float())
     cov, mean = stats.result()
     compressed = _outputs(feature_factorization(w, bias, 16, cov, mean), 8, x)
     torch.testing.assert_close(compressed.reshape(-1, 48).mean(0), y.reshape(-1, 48).mean(0), rtol=1e-4, atol=1e-4)
@@ -72,7 +72,7 @@ def test_feature_truncation_matches_the_eigenvector_formula():
     x, w, b = _correlated_outputs(8, 16, 32, 24, seed=1)
     y = x @ w.t() + b
     stats = OutputStats(32, "cpu")
-    stats.add(y)
+    stats.update(y)
     cov, mean = stats.result()
     fac = feature_factorization(w, b, 16, cov, mean)
     values, vectors = torch.linalg.eigh(cov.double())
@@ -108,7 +108,7 @@ def test_pooled_statistics_equal_group_covariances_averaged():
     stats = OutputStats(6, "cpu", group=32)
     for i in range(0, 70, 4):  # batches of equal-length samples, and a last short one
         for s in samples[i:i + 4]:
-            stats.add(s)
+            stats.update(s)
     cov, mean = stats.result()
     groups = [samples[0:32], samples[32:64], samples[64:70]]
     covs = [torch.cov(torch.cat(grp).double().t(), correction=1) for grp in groups]
@@ -122,10 +122,10 @@ def test_batched_and_sample_by_sample_statistics_agree():
     g = torch.Generator().manual_seed(4)
     batch = torch.randn(40, 7, 5, generator=g)
     one = OutputStats(5, "cpu")
-    one.add(batch)
+    one.update(batch)
     two = OutputStats(5, "cpu")
     for sample in batch:
-        two.add(sample)
+        two.update(sample)
     for left, right in zip(one.result(), two.result()):
         torch.testing.assert_close(left, right)
 

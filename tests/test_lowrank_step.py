@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import workbench
-from workbench.calibration import calibration_samples
+from workbench.data.sampling import calibration_samples
 from workbench.engine import Run
 from workbench.errors import UserError
 from workbench.events import LayerDone
@@ -21,11 +21,11 @@ from workbench.lowrank.compress import load_factors
 from workbench.lowrank.factor import rank_for_energy
 from workbench.lowrank.modules import LowRankLinear, set_submodule
 from workbench.lowrank.objective import objective_tokens
-from workbench.lowrank.step import LowRankRun, run_step
+from workbench.lowrank.step import LowRankRun
 from workbench.models import DEMO_MODEL_DIR, LoadedModel, get_adapter
 from workbench.perplexity import perplexity
 from workbench.spec import RunSpec
-from workbench.spec_lowrank import LowRankStep
+from workbench.lowrank.family import LowRankStep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,7 +71,7 @@ def test_uniform_step_meets_the_budget_and_counts_real_parameters(tokenizer, tmp
     loaded = tiny(tokenizer)
     dense_params = decoder_linear_params(loaded.model)
     run, events = make_run(loaded, LowRankStep(method=method, retention=0.8), tmp_path)
-    report = run_step(run, 0, run.spec.steps[0])
+    report = run.compress(0, run.spec.steps[0])
     kept = decoder_linear_params(loaded.model)
     assert report["params"] == {"dense": dense_params, "after": kept}
     assert report["retained"] == pytest.approx(kept / dense_params)
@@ -92,7 +92,7 @@ def test_sequential_statistics_come_from_the_compressed_earlier_layers(tokenizer
     dense_q = nn.Linear(64, 64, bias=False)
     dense_q.weight.data.copy_(loaded.model.model.layers[1].self_attn.q_proj.weight.data)
     run, _ = make_run(loaded, LowRankStep(method="feature", retention=0.6), tmp_path, nsamples=8)  # one pooled group
-    run_step(run, 0, run.spec.steps[0])
+    run.compress(0, run.spec.steps[0])
     q = loaded.model.model.layers[1].self_attn.q_proj
     assert isinstance(q, LowRankLinear)
     seen = []
@@ -116,7 +116,7 @@ def test_sequential_statistics_come_from_the_compressed_earlier_layers(tokenizer
 def test_factorized_export_is_rebuilt_by_workbench_load(tokenizer, tmp_path):
     loaded = tiny(tokenizer)
     run, _ = make_run(loaded, LowRankStep(method="feature", retention=0.7), tmp_path)
-    report = run_step(run, 0, run.spec.steps[0])
+    report = run.compress(0, run.spec.steps[0])
     run.steps.append(report)
     folder = export_model(loaded.model, tokenizer, tmp_path / "out", run.build_summary())
     model, _ = workbench.load(folder, dtype="float32", device="cpu")
@@ -137,8 +137,8 @@ def test_merged_export_loads_in_vanilla_transformers_with_the_bias_correction(to
     run.spec.steps[0].merge = True
     factorized = tiny(tokenizer)
     run_f, _ = make_run(factorized, LowRankStep(method="feature", retention=0.7), tmp_path / "f")
-    run_step(run_f, 0, run_f.spec.steps[0])
-    report = run_step(run, 0, run.spec.steps[0])
+    run_f.compress(0, run_f.spec.steps[0])
+    report = run.compress(0, run.spec.steps[0])
     assert report["merge"]["bias_flags"] == ["attention_bias", "mlp_bias"] and not report["merge"]["dropped_bias"]
     assert not run.structure  # a plain checkpoint: nothing to rebuild
     folder = export_model(loaded.model, tokenizer, tmp_path / "merged", run.build_summary())
@@ -154,8 +154,8 @@ def test_merge_reports_the_bias_a_config_cannot_hold(tokenizer, tmp_path):
     run, events = make_run(loaded, LowRankStep(method="feature", retention=0.7, merge=True), tmp_path)
     reference = tiny(tokenizer, "mistral")
     run_ref, _ = make_run(reference, LowRankStep(method="feature", retention=0.7), tmp_path / "ref")
-    run_step(run_ref, 0, run_ref.spec.steps[0])
-    report = run_step(run, 0, run.spec.steps[0])
+    run_ref.compress(0, run_ref.spec.steps[0])
+    report = run.compress(0, run.spec.steps[0])
     merged = report["merge"]
     assert merged["bias_flags"] == [] and len(merged["dropped_bias"]) == merged["merged"] > 0
     assert "mistral" in merged["lost"]
@@ -170,11 +170,11 @@ def test_merge_reports_the_bias_a_config_cannot_hold(tokenizer, tmp_path):
 def test_energy_allocation(tokenizer, tmp_path):
     loaded = tiny(tokenizer)
     run, _ = make_run(loaded, LowRankStep(method="svd", allocation="energy", retention=0.75), tmp_path)
-    solved = run_step(run, 0, run.spec.steps[0])
+    solved = run.compress(0, run.spec.steps[0])
     assert solved["retained"] <= 0.75 and 0 < solved["energy"] < 1
     loaded = tiny(tokenizer)
     run, _ = make_run(loaded, LowRankStep(method="svd", allocation="energy", energy=0.6), tmp_path / "given")
-    report = run_step(run, 0, run.spec.steps[0])
+    report = run.compress(0, run.spec.steps[0])
     assert report["energy"] == 0.6
     dense = tiny(tokenizer)
     budget = Budget.of(dense.adapter, pair_bias=False)
@@ -188,8 +188,9 @@ def test_unreachable_retention_is_refused_before_any_work(tokenizer, tmp_path):
     loaded = tiny(tokenizer)
     run, events = make_run(loaded, LowRankStep(method="feature", retention=0.05), tmp_path)
     with pytest.raises(UserError, match="out of reach"):
-        run_step(run, 0, run.spec.steps[0])
-    assert not any(isinstance(m, LowRankLinear) for m in loaded.model.modules()) and not events
+        run.compress(0, run.spec.steps[0])
+    assert not any(isinstance(m, LowRankLinear) for m in loaded.model.modules())
+    assert [e.type for e in events] == ["stage_plan"]  # announced, then refused before any work
 
 
 # ------------------------------------------------------------------ search, in the run's process
@@ -217,7 +218,7 @@ def test_every_evaluated_trial_holds_the_budget(tokenizer, tmp_path, space, samp
     step = search_step(space=space, sampler=sampler, trials=trials)  # 12: the GP fits a model after 10 random trials
     run, events = make_run(loaded, step, tmp_path)
     with torch.no_grad():  # as in the engine
-        report = run_step(run, 0, step)
+        report = run.compress(0, step)
     study = load_study(run)
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == report["search"]["trials"] == trials
@@ -246,8 +247,8 @@ def test_trial_objective_matches_a_full_model_forward(tokenizer, tmp_path):
     loaded = tiny(tokenizer)
     step = search_step(trials=3)
     run, _ = make_run(loaded, step, tmp_path)
-    fingerprint = LowRankRun(run, 0, step).factors_fingerprint()
-    run_step(run, 0, step)
+    fingerprint = LowRankRun(run.step_context(0), step).factors_fingerprint()
+    run.compress(0, step)
     trial = min((t for t in load_study(run).trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
     factors = load_factors(next((run.run_dir / "search").glob("factors-*.safetensors")), fingerprint)
     model, dense = tiny(tokenizer).model, tiny(tokenizer).model
@@ -269,7 +270,7 @@ def test_finalists_are_reranked_after_sequential_application(tokenizer, tmp_path
     loaded = tiny(tokenizer)
     step = search_step(trials=5, finalists=3)
     run, _ = make_run(loaded, step, tmp_path)
-    report = run_step(run, 0, step)["search"]
+    report = run.compress(0, step)["search"]
     finalists = report["finalists"]
     assert len(finalists) == 3
     assert [f["search_objective"] for f in finalists] == sorted(f["search_objective"] for f in finalists)
@@ -297,7 +298,7 @@ def test_feature_beats_svd_at_equal_parameters_on_the_demo_model(tmp_path):
     for method in ("svd", "feature"):
         loaded = load_model("demo", dtype="float32", device="cpu")
         run, _ = make_run(loaded, LowRankStep(method=method, retention=0.8), tmp_path / method, nsamples=8, seqlen=128)
-        report = run_step(run, 0, run.spec.steps[0])
+        report = run.compress(0, run.spec.steps[0])
         results[method] = (report["retained"], evaluate(loaded.model, loaded.tokenizer, "wikitext2", 512, limit=2)["ppl"])
     assert abs(results["svd"][0] - results["feature"][0]) < 0.01  # the same parameter budget
     assert results["feature"][1] < 0.95 * results["svd"][1], results
@@ -310,12 +311,12 @@ def test_proposals_that_scale_to_the_same_allocation_are_measured_once(tokenizer
     journal = tmp_path / "dup.journal"
     step = search_step(trials=3, storage=str(journal), study="dup")
     run, _ = make_run(loaded, step, tmp_path)
-    job = LowRankRun(run, 0, step)
+    job = LowRankRun(run.step_context(0), step)
     space = search_space(job.budget, "type", step.ratio_min, step.ratio_max)
     study = open_study(open_storage(str(journal)), "dup", space.signature(), job.study_setup(space), "tpe", 0)
     study.enqueue_trial({n: 0.4 for n in space.names})
     study.enqueue_trial({n: 0.5 for n in space.names})  # proportional: the budget scaling gives the same ranks
-    run_step(run, 0, step)
+    run.compress(0, step)
     first, second = study.trials[0], study.trials[1]
     assert second.user_attrs["same_as"] == 0 and "same_as" not in first.user_attrs
     assert second.user_attrs["allocation"] == first.user_attrs["allocation"]

@@ -13,8 +13,10 @@ import torch
 from scipy.spatial.distance import jensenshannon
 
 from shared_data import shared_path
-from workbench import calibration
-from workbench.calibration import calibration_data, calibration_samples, calibration_summary, mixture_counts, parse_mixture, token_divergence
+from workbench.data import sources as calibration
+from workbench.data.sampling import calibration_data, calibration_samples
+from workbench.data.sources import mixture_counts, parse_mixture
+from workbench.data.summary import calibration_summary, token_divergence
 from workbench.cli import main
 from workbench.engine import Run
 from workbench.errors import UserError
@@ -23,7 +25,7 @@ from workbench.models import load_model
 from workbench.perplexity import eval_text
 from workbench.spec import load_preset
 
-DATA = Path(calibration.__file__).resolve().parent / "assets" / "data"
+DATA = Path(calibration.__file__).resolve().parents[1] / "assets" / "data"
 
 
 @pytest.fixture(scope="module")

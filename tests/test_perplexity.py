@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from shared_data import shared_path
-from workbench import corpora, perplexity as ppl_mod
+from workbench import perplexity as ppl_mod
+from workbench.data import corpora
 from workbench.errors import Cancelled, UserError
 from workbench.perplexity import eval_text, eval_tokens, perplexity
 
-DATA = Path(corpora.__file__).resolve().parent / "assets" / "data"
-DEMO = Path(corpora.__file__).resolve().parent / "assets" / "demo-llama"
+DATA = Path(corpora.__file__).resolve().parents[1] / "assets" / "data"
+DEMO = Path(corpora.__file__).resolve().parents[1] / "assets" / "demo-llama"
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ The first 48 windows of each set keep the test under a minute on two cores.
 """
 
 import pytest
-import torch
 
 from shared_data import shared_path
-from workbench.calibration import calibration_samples
+from workbench.data.sampling import calibration_samples
 from workbench.models import load_model
 from workbench.perplexity import eval_tokens, perplexity
-from workbench.pruner import Pruner
-from workbench.spec import PruneStep
+from workbench.pruning.runner import prune
+from workbench.pruning.family import PruneStep
 
 WINDOWS = 48
 
@@ -34,7 +33,7 @@ def test_sparsegpt_keeps_perplexity_closer_to_dense_than_magnitude():
     results = {}
     for method in ("magnitude", "sparsegpt"):
         loaded.model.load_state_dict(dense_state)
-        Pruner(loaded, tokens, PruneStep(method=method, sparsity=0.5), batch_size=16).run()
+        prune(loaded, tokens, PruneStep(method=method, sparsity=0.5), batch_size=16)
         results[method] = ppl()
     for name in sets:
         assert dense[name] < results["sparsegpt"][name] < results["magnitude"][name], (name, dense, results)

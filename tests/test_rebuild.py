@@ -7,10 +7,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import workbench
-from workbench import rebuild
+from workbench import rebuild, registry
 from workbench.errors import UserError
 from workbench.export import export_model
 from workbench.models import DEMO_MODEL_DIR
+from workbench.registry import StepType
 
 
 def split_linear(model, entry):
@@ -25,7 +26,10 @@ def split_linear(model, entry):
 
 @pytest.fixture
 def toy_kind(monkeypatch):
-    monkeypatch.setitem(rebuild.STRUCTURE_KINDS, "toy_split", f"{__name__}:split_linear")
+    """A step type of this test that records the toy kind, registered for the test only."""
+    toy = StepType(name="toy", family="test", spec=object, runner="", plan=lambda *args: [],
+                   structures={"toy_split": f"{__name__}:split_linear"})
+    monkeypatch.setitem(registry._TYPES, "toy", toy)
     return "toy_split"
 
 

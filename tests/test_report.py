@@ -8,6 +8,7 @@ from workbench.cli import main
 from workbench.errors import UserError
 from workbench.events import Metric
 from workbench.evaluation import report
+from workbench.files import write_text_atomic
 from workbench.history import History
 
 
@@ -94,10 +95,10 @@ def test_markdown_report_holds_table_layers_settings_versions(runs, tmp_path):
     assert len(layer_rows) == 3 and "0.5200" in layer_rows[2]
     assert '"name": "wanda"' in text and "lm_eval 0.4.13" in text and "torch 2.x" in text
     assert "```text" in text and "\x1b" not in text
-    out = report.write_text_atomic(tmp_path / "sub" / "report.md", text)
+    out = write_text_atomic(tmp_path / "sub" / "report.md", text)
     assert out.read_text() == text and [p.name for p in out.parent.iterdir()] == ["report.md"]
     with pytest.raises(UserError, match="is a folder"):
-        report.write_text_atomic(tmp_path, text)
+        write_text_atomic(tmp_path, text)
 
 
 def test_compare_and_report_commands(runs, tmp_path, capsys):

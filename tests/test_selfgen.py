@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from workbench import corpora, selfgen
-from workbench.calibration import SourceContext, calibration_samples
+from workbench.data import corpora, selfgen
+from workbench.data.sampling import calibration_samples
+from workbench.data.sources import SourceContext
 from workbench.cli import main
 from workbench.errors import Cancelled, UserError
 from workbench.models import load_model
@@ -21,7 +22,7 @@ from workbench.spec import SelfGenSpec
 
 # Small enough to generate in well under a second on one CPU thread.
 TINY = SelfGenSpec(samples=10, max_new_tokens=24, batch_size=4)
-WIKITEXT_VALID = Path(corpora.__file__).resolve().parent / "assets" / "data" / "wikitext2-valid.raw"
+WIKITEXT_VALID = Path(corpora.__file__).resolve().parents[1] / "assets" / "data" / "wikitext2-valid.raw"
 
 
 @pytest.fixture(scope="module")

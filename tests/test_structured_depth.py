@@ -20,9 +20,8 @@ from workbench.export import export_model
 from workbench.lowrank.modules import LowRankLinear, set_submodule, structure_entry
 from workbench.models import DEMO_MODEL_DIR, get_adapter
 from workbench.perplexity import perplexity
-from workbench.spec_structured import DepthStep
+from workbench.structured.family import DepthStep
 from workbench.structured import depth as D
-from workbench.structured.step import run_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,7 +157,7 @@ def test_depth_step_removes_what_its_criterion_and_selection_choose(criterion, s
     run = tiny_run(model, token_ids(batch=3), batch_size=2)
     events = []
     run.emit = events.append
-    report = run_step(run, 0, DepthStep(remove=2, criterion=criterion, selection=selection, seed=5))
+    report = run.compress(0, DepthStep(remove=2, criterion=criterion, selection=selection, seed=5))
     removed, scores = report["removed"], report["scores"]
     assert report["layers_after"] == model.config.num_hidden_layers == len(get_adapter(model).layers) == 4
     assert report["parameters_after"] < report["parameters_before"] and report["headline"]["layers removed"].endswith("of 6")
@@ -179,7 +178,7 @@ def test_depth_step_removes_what_its_criterion_and_selection_choose(criterion, s
 
 def test_middle_selection_is_the_best_non_adjacent_choice():
     rng = random.Random(0)
-    for trial in range(200):
+    for _ in range(200):
         total = rng.randint(3, 10)
         count = rng.randint(1, D.middle_capacity(total))
         scores = [rng.random() for _ in range(total)]

@@ -73,7 +73,7 @@ def test_structured_steps_compose_with_pruning(tmp_path):
     ('type = "depth"\nremove = 8', "removing 8 of the model's 8 decoder layers would leave none", "remove at most 7 layers"),
     ('type = "width"\nattention_heads = 3', "attention_heads = 3 breaks the grouped-query layout", "multiple of 2 from 2 to 4"),
 ])
-def test_what_needs_the_model_is_refused_at_step_start_keeping_the_dense_metrics(step, message, hint, tmp_path, capsys):
+def test_what_needs_the_model_is_refused_right_after_loading(step, message, hint, tmp_path, capsys):
     preset = tmp_path / "bad.toml"
     preset.write_text(f'[model]\nname = "demo"\n[calibration]\nnsamples = 8\nseqlen = 128\n[[steps]]\n{step}\n'
                       f'[evaluate]\nseqlen = 128\nlimit = 2\n', encoding="utf-8")
@@ -83,4 +83,5 @@ def test_what_needs_the_model_is_refused_at_step_start_keeping_the_dense_metrics
     with History() as history:
         failed = history.runs(limit=1)[0]
         assert failed.status == "failed"
-        assert [m["phase"] for m in history.metrics(failed.id)] == ["before"]  # the dense evaluation is kept
+        assert history.metrics(failed.id) == []  # refused before any work, the dense evaluation included
+        assert [e["stage"] for e in history.events(failed.id) if e["type"] == "stage_started"] == ["load"]

@@ -6,7 +6,7 @@ import pytest
 
 from workbench.errors import UserError
 from workbench.spec import load_preset, spec_from_dict
-from workbench.spec_structured import DepthStep, VocabStep, WidthStep
+from workbench.structured.family import DepthStep, VocabStep, WidthStep
 
 
 def _spec(step: dict):

@@ -10,13 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from test_structured_models import tiny_model, tiny_run
-from workbench import corpora
+from workbench.data import corpora
 from workbench.errors import UserError
 from workbench.export import export_model
 from workbench.models import load_model
-from workbench.spec_structured import VocabStep
+from workbench.structured.family import VocabStep
 from workbench.structured import vocab as V
-from workbench.structured.step import run_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,7 +121,7 @@ def test_vocab_step_exports_a_model_that_auto_classes_reload(demo, tmp_path):
     model = copy.deepcopy(demo.model)
     tokens = torch.tensor(demo.tokenizer(corpora.wikitext2_text("valid")[:40_000], add_special_tokens=False)["input_ids"][:4096]).reshape(16, 256)
     run = tiny_run(model, tokens, tokenizer=demo.tokenizer)
-    report = run_step(run, 0, VocabStep(fraction=0.25))
+    report = run.compress(0, VocabStep(fraction=0.25))
     assert report["vocab_after"] == 2048 and report["parameters_after"] == report["parameters_before"] - (8256 - 2048) * 256 * 2
     assert run.loaded.tokenizer is not demo.tokenizer and run.tokens.max() < 2048
     export_model(model, run.loaded.tokenizer, tmp_path / "out", {})

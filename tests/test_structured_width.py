@@ -10,12 +10,12 @@ import workbench
 from test_structured_models import LLAMA_LIKE_TYPES, logits, tiny_model, tiny_run, token_ids
 from workbench.errors import UserError
 from workbench.export import export_model
-from workbench.layerwise import LayerRunner, capture_inputs
+from workbench.observers import InputMoments
+from workbench.sweep import LayerSweep, Watch
 from workbench.lowrank.modules import LowRankLinear, set_submodule
 from workbench.models import DEMO_MODEL_DIR, get_adapter
-from workbench.spec_structured import DepthStep, WidthStep
+from workbench.structured.family import DepthStep, WidthStep
 from workbench.structured import width as W
-from workbench.structured.step import run_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +45,7 @@ def test_removing_mlp_channels_whose_down_columns_are_zero_leaves_the_logits_unc
     ids = token_ids()
     alive = _zero_channels(model, 0.25)
     expected = logits(model, ids)
-    report = run_step(tiny_run(model, ids), 0, WidthStep(mlp_width=0.75, method="magnitude"))
+    report = tiny_run(model, ids).compress(0, WidthStep(mlp_width=0.75, method="magnitude"))
     for layer, kept in zip(get_adapter(model).layers, alive):
         assert layer.mlp.gate_proj.out_features == layer.mlp.down_proj.in_features == len(kept) == 36
     assert model.config.intermediate_size == 36
@@ -59,7 +59,7 @@ def test_calibrated_scores_also_rank_dead_channels_last(method):
     ids = token_ids(batch=4)
     _zero_channels(model, 0.5)
     expected = logits(model, ids)
-    run_step(tiny_run(model, ids, batch_size=3), 0, WidthStep(mlp_width=0.5, method=method))
+    tiny_run(model, ids, batch_size=3).compress(0, WidthStep(mlp_width=0.5, method=method))
     torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -84,9 +84,9 @@ def test_heads_go_by_key_value_group(model_type, kv_heads):
     keep = 4 - per_group if kv_heads > 1 else None
     if keep is None:  # one key/value head: no group can go
         with pytest.raises(UserError, match="grouped-query"):
-            run_step(tiny_run(model, ids), 0, WidthStep(attention_heads=2, method="magnitude"))
+            tiny_run(model, ids).compress(0, WidthStep(attention_heads=2, method="magnitude"))
         return
-    run_step(tiny_run(model, ids), 0, WidthStep(attention_heads=keep, method="magnitude"))
+    tiny_run(model, ids).compress(0, WidthStep(attention_heads=keep, method="magnitude"))
     for layer in get_adapter(model).layers:
         attn = layer.self_attn
         assert attn.q_proj.out_features == keep * 8 and attn.k_proj.out_features == (kv_heads - 1) * 8
@@ -100,7 +100,7 @@ def test_a_head_count_that_breaks_the_groups_is_refused_before_any_change():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for heads in (3, 6):
         with pytest.raises(UserError, match="grouped-query layout") as info:
-            run_step(tiny_run(model, token_ids()), 0, WidthStep(attention_heads=heads))
+            tiny_run(model, token_ids()).compress(0, WidthStep(attention_heads=heads))
         assert "multiple of 2" in info.value.hint
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -126,8 +126,12 @@ def test_scores_match_their_definitions():
     h, a = _layer0_inputs(model, ids)
     adapter = get_adapter(model)
     layer = adapter.layers[0]
-    runner = LayerRunner(adapter, capture_inputs(adapter, ids, "cpu", batch_size=2), "cpu")
-    mlp, attn = W.collect_moments(runner, layer, 0, heads=4, gram=True)
+    moments = {}
+    watch = Watch(inputs=lambda name: {"moments": (lambda f, d: InputMoments(f, d, 4)) if name == "o" else InputMoments},
+                  linears=lambda i, lay: {"down": lay.mlp.down_proj, "o": lay.self_attn.o_proj})
+    LayerSweep(adapter, ids, "cpu", batch_size=2).run(lambda lay, i, stats: moments.update(stats.inputs), watch,
+                                                       layers=range(1))
+    mlp, attn = moments["down"]["moments"], moments["o"]["moments"]
     down, o_proj = layer.mlp.down_proj.weight, layer.self_attn.o_proj.weight
     gen = torch.Generator()
 
@@ -180,7 +184,7 @@ def test_bias_compensation_keeps_the_output_mean(part, compensate):
     ids = token_ids(batch=4)
     before = _mean_outputs(model, ids)[part]
     widths = {"mlp_width": 0.5} if part == "mlp" else {"attention_heads": 2}
-    run_step(tiny_run(model, ids), 0, WidthStep(method="flap", bias_compensation=compensate, **widths))
+    tiny_run(model, ids).compress(0, WidthStep(method="flap", bias_compensation=compensate, **widths))
     assert torch.allclose(_mean_outputs(model, ids)[part], before, atol=1e-5) == compensate
     flag = "mlp_bias" if part == "mlp" else "attention_bias"
     assert getattr(model.config, flag) == compensate
@@ -189,7 +193,7 @@ def test_bias_compensation_keeps_the_output_mean(part, compensate):
 def test_bias_compensation_is_refused_where_the_family_has_no_bias():
     model = tiny_model("mistral")
     with pytest.raises(UserError, match="bias compensation needs a bias on down_proj"):
-        run_step(tiny_run(model, token_ids()), 0, WidthStep(mlp_width=0.5, bias_compensation=True))
+        tiny_run(model, token_ids()).compress(0, WidthStep(mlp_width=0.5, bias_compensation=True))
     assert get_adapter(model).layers[0].mlp.down_proj.in_features == 48
 
 
@@ -201,7 +205,7 @@ def test_uniform_widths_export_as_an_ordinary_checkpoint(model_type, tokenizer, 
     model = tiny_model(model_type)
     ids = token_ids()
     run = tiny_run(model, ids)
-    run_step(run, 0, WidthStep(mlp_width=0.75, attention_heads=2, method="flap", bias_compensation=model_type == "llama"))
+    run.compress(0, WidthStep(mlp_width=0.75, attention_heads=2, method="flap", bias_compensation=model_type == "llama"))
     assert run.structure == []
     expected = logits(model, ids)
     export_model(model, tokenizer, tmp_path / "out", {"structure": run.structure})
@@ -214,10 +218,10 @@ def test_per_layer_widths_rebuild_after_a_later_depth_step(tokenizer, tmp_path):
     model = tiny_model("llama", layers=5)
     ids = token_ids(batch=3)
     run = tiny_run(model, ids)
-    run_step(run, 0, WidthStep(mlp_width=0.6, attention_width=0.5, method="activation", allocation="global"))
+    run.compress(0, WidthStep(mlp_width=0.6, attention_width=0.5, method="activation", allocation="global"))
     sizes = [layer.mlp.down_proj.in_features for layer in get_adapter(model).layers]
     assert len(set(sizes)) > 1 and sum(sizes) == round(0.6 * 5 * 48)
-    run_step(run, 1, DepthStep(remove=1, criterion="last"))
+    run.compress(1, DepthStep(remove=1, criterion="last"))
     assert [e["kind"] for e in run.structure] == ["width"] and len(run.structure[0]["layers"]) == 4
     assert [w["intermediate_size"] for w in run.structure[0]["layers"]] == sizes[:4]
     expected = logits(model, ids)
@@ -230,4 +234,4 @@ def test_projections_replaced_by_an_earlier_step_are_refused():
     model = tiny_model("llama")
     set_submodule(model, "model.layers.1.mlp.down_proj", LowRankLinear(48, 32, 4, False))
     with pytest.raises(UserError, match="layer 1 has a LowRankLinear"):
-        run_step(tiny_run(model, token_ids()), 0, WidthStep(mlp_width=0.5, method="magnitude"))
+        tiny_run(model, token_ids()).compress(0, WidthStep(mlp_width=0.5, method="magnitude"))

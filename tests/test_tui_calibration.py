@@ -11,7 +11,7 @@ import pytest
 
 from tui_support import SMALL, make_app, type_into, wait_for, worker_ready
 from worker_support import async_test
-from workbench.backends.preview import FAKE_DOCUMENTS, FAKE_TOP, fake_preview
+from workbench.backends.fake import FAKE_DOCUMENTS, FAKE_TOP, fake_preview
 from workbench.errors import UserError
 from workbench.history import History
 from workbench.screens.widgets import ConfirmModal, MessageModal
@@ -160,7 +160,7 @@ async def test_preview_shows_the_fake_workers_statistics():
         assert job.status == "finished"
         await wait_for(pilot, lambda: "distinct tokens" in _text(app, "#preview-stats"), what="the statistics")
         stats = _text(app, "#preview-stats")
-        # the fake's formulas (backends/preview.py fake_preview) for c4, 10 windows of 100 tokens
+        # the fake's formulas (backends/fake.py fake_preview) for c4, 10 windows of 100 tokens
         tokens = 10 * 100
         assert re.search(rf"documents +{FAKE_DOCUMENTS['c4']:,} +250,000 tokens", stats)
         assert re.search(rf"windows +10 +{tokens:,} tokens \(10 × 100\)", stats)
@@ -245,10 +245,10 @@ def test_the_fake_preview_follows_its_documented_formulas():
 
 def test_the_workers_preview_counts_what_the_tokenizer_gives(one_thread):
     """The real preview on the demo model and WikiText-2, checked against the windows rebuilt independently."""
-    from workbench.calibration import calibration_samples
-    from workbench.corpora import wikitext2_text
+    from workbench.data.sampling import calibration_samples
+    from workbench.data.corpora import wikitext2_text
     from workbench.models import load_model
-    from workbench.backends.preview import CHARS, PREVIEW_WINDOWS, preview_calibration
+    from workbench.data.preview import CHARS, PREVIEW_WINDOWS, preview_calibration
 
     spec = spec_from_dict({"calibration": {"source": "wikitext2", "nsamples": 5, "seqlen": 64, "seed": 3}})
     loaded = load_model("demo")

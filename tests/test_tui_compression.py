@@ -13,7 +13,8 @@ from workbench.errors import UserError
 from workbench.screens.compression import StepTypeModal
 from workbench.screens.stepforms import StepForm
 from workbench.screens.widgets import ConfirmModal, MessageModal
-from workbench.spec import PruneStep, load_preset_data, spec_from_dict
+from workbench.pruning.family import PruneStep
+from workbench.spec import load_preset_data, spec_from_dict
 
 # lowrank fields whose comments say they drive the allocation search (workbench/spec_lowrank.py)
 SEARCH_FIELDS = ["space", "trials", "sampler", "ratio_min", "ratio_max", "slack", "objective_data", "objective_chunks",

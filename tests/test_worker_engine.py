@@ -28,7 +28,7 @@ EVALUATE = {"steps": [], "evaluate": SPEC["evaluate"]}
 # A worker whose model loader prints on stdout from Python, the raw descriptor and C, as careless libraries do.
 NOISY_WORKER = textwrap.dedent("""
     import ctypes, os, sys
-    import workbench.models as models
+    import workbench.models.loading as models
 
     real_load = models.load_model
 

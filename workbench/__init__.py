@@ -14,6 +14,6 @@ def load(path, dtype: str = "auto", device: str = "auto", trust_remote_code: boo
     Rebuilds checkpoints whose structure a plain config cannot express
     (factorized low-rank layers, per-layer widths); see ``workbench.rebuild``.
     """
-    from .rebuild import load as _load
+    from .models.loading import load as _load
 
     return _load(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

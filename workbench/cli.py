@@ -10,11 +10,12 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 import traceback
 
 from . import __version__
-from .errors import RunError, WorkbenchError
+from .errors import RunError, UserError, WorkbenchError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 COMMANDS: dict = {}
@@ -24,6 +25,10 @@ def _err(message: str, hint: str | None = None) -> None:
     print(f"error: {message}", file=sys.stderr)
     if hint:
         print(f"  hint: {hint}", file=sys.stderr)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. --set steps.0.sparsity=0.6 (repeatable)")
     run.add_argument("--out", help="export the compressed model to this folder (safetensors + compression.json)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="let --out replace an earlier workbench export in that folder (never any other folder)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
     run.add_argument("--backend", default="inprocess", metavar="WHERE",
                      help="where the engine runs: inprocess (this process, the default), local (a worker process on "
@@ -48,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "locally, 'workbench worker' over ssh), e.g. '~/venv/bin/workbench worker'")
     run.add_argument("--ssh-option", dest="ssh_options", action="append", default=[], metavar="OPTION",
                      help="an ssh -o option for ssh:// backends, e.g. IdentityFile=~/.ssh/gpu (repeatable)")
+    run.add_argument("--hello-timeout", type=float, default=120.0, metavar="SECONDS",
+                     help="how long a starting worker has to say hello (default 120; a worker that exits is reported at once)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("presets", help="list the shipped presets")
@@ -74,6 +83,7 @@ COMMAND_MODULES = (
     "workbench.backends.cli",
     "workbench.lowrank.cli",
     "workbench.study",
+    "workbench.data.cli",
     "workbench.evaluation.cli",
     "workbench.screens.cli",
 )
@@ -125,6 +135,8 @@ def cmd_run(args) -> int:
         overrides.append(f"model.name={json.dumps(args.model)}")
     if args.out:
         overrides += ["export.save=true", f"export.out={json.dumps(args.out)}"]
+    if args.overwrite:
+        overrides.append("export.overwrite=true")
     spec = load_preset(args.preset, overrides)
     from workbench.backends.transports import gpu_group, parse_backend
 
@@ -132,9 +144,14 @@ def cmd_run(args) -> int:
     transport = parse_backend(args.backend, gpus, args.worker_command, args.ssh_options)
     if transport is None:
         if gpus:  # read when torch first touches CUDA, which has not happened yet in this process
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+            os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["WORKBENCH_GPUS"] = ",".join(gpus)
+            from .models import check_requested_gpus
+
+            check_requested_gpus()
         return run_inprocess(spec, as_json=args.json, quiet=args.quiet)
-    return run_on_worker(spec, transport, as_json=args.json, quiet=args.quiet)
+    if args.hello_timeout <= 0:
+        raise UserError(f"--hello-timeout {args.hello_timeout:g} must be a positive number of seconds", "the default is 120")
+    return run_on_worker(spec, transport, as_json=args.json, quiet=args.quiet, hello_timeout=args.hello_timeout)
 
 
 def run_inprocess(spec, as_json: bool = False, quiet: bool = False) -> int:
@@ -150,7 +167,7 @@ def run_inprocess(spec, as_json: bool = False, quiet: bool = False) -> int:
     return _headless(spec, run.run_id, str(run.run_dir), execute, as_json, quiet)
 
 
-def run_on_worker(spec, transport, as_json: bool = False, quiet: bool = False) -> int:
+def run_on_worker(spec, transport, as_json: bool = False, quiet: bool = False, hello_timeout: float = 120.0) -> int:
     """Run a spec in a worker process (``--backend local`` or ``ssh://HOST``); this process never imports torch.
 
     The worker's events are recorded in the run history as they arrive, so a
@@ -161,7 +178,7 @@ def run_on_worker(spec, transport, as_json: bool = False, quiet: bool = False) -
     from .events import Log
     from .history import new_run_id
 
-    with BlockingClient(transport, restart=False) as client:  # UserError when the worker cannot start
+    with BlockingClient(transport, restart=False, start_timeout=hello_timeout) as client:  # UserError when the worker cannot start
         hello, run_id = client.hello, new_run_id()
         devices = ", ".join(d["name"] for d in hello["devices"])
         about = (f"worker {transport.describe()}: pid {hello['pid']} on {hello['host']}, torch {hello.get('torch')}, "
@@ -182,11 +199,53 @@ def run_on_worker(spec, transport, as_json: bool = False, quiet: bool = False) -
         return _headless(spec, run_id, transport.locate(f"{hello['home']}/runs/{run_id}"), execute, as_json, quiet)
 
 
+EXIT_TERMINATED = 128 + 15  # the shell's status for a process ended by SIGTERM
+
+
+class _Signals:
+    """SIGTERM (timeout, Slurm, systemd, docker stop) stops a command like Ctrl-C does, and says which it was."""
+
+    terminated = False
+
+    @classmethod
+    def _on_term(cls, signum, frame):
+        cls.terminated = True
+        raise KeyboardInterrupt
+
+    @classmethod
+    def install(cls) -> None:
+        import threading
+
+        cls.terminated = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, cls._on_term)
+
+
+class _Held:
+    """Ctrl-C and SIGTERM wait (they are delivered afterwards) while a finished run's end is recorded."""
+
+    _SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+    def __enter__(self):
+        self._blocked = hasattr(signal, "pthread_sigmask")
+        if self._blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, self._SIGNALS)
+        return self
+
+    def __exit__(self, *exc):
+        if self._blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self._SIGNALS)
+
+
 def _headless(spec, run_id: str, out_dir: str, execute, as_json: bool, quiet: bool) -> int:
     """Show progress and record every event in the run history while ``execute(emit)`` runs; print the summary.
 
     A failure keeps the events so far and marks the run failed (or cancelled)
     with its message, hint and details (a traceback, a worker's last output).
+    Ctrl-C and SIGTERM cancel the run (exit 1 and 143) and record it as
+    cancelled; once the run has finished, they only cut the printing short and
+    the exit status stays 0, as the history says. When the history cannot be
+    written, the run goes on and its records go to a journal merged back later.
     """
     from rich.console import Console
 
@@ -195,45 +254,76 @@ def _headless(spec, run_id: str, out_dir: str, execute, as_json: bool, quiet: bo
     from .history import History
 
     console = Console(stderr=True)
-    history = History()
-    history.create_run(run_id, spec.to_dict(), name=spec.name, model=spec.model.name, out_dir=out_dir)
+
+    def notify(message: str) -> None:
+        console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    history = History(notify=notify)
+    log = history.open_run(run_id, spec.to_dict(), name=spec.name, model=spec.model.name, out_dir=out_dir)
     display = ProgressDisplay(console, enabled=not quiet)
-    emit = fanout(history.recorder(run_id), display)
+    emit = fanout(log, display)
     console.print(f"run [bold]{run_id}[/]: {spec.summary()}")
+    summary = None
     try:
-        with display:
-            summary = execute(emit)
-        if summary.get("export"):
-            history.add_artifact(run_id, "model", summary["export"])
-        history.finish_run(run_id, summary)
+        try:
+            with display:
+                summary = execute(emit)
+        except KeyboardInterrupt:
+            if summary is None:
+                raise
+        with _Held():
+            if summary.get("export"):
+                log.artifact("model", summary["export"])
+            log.finish(summary)
     except KeyboardInterrupt:
-        emit(RunFailed(run_id=run_id, kind="cancelled", message="interrupted"))
-        history.fail_run(run_id, "cancelled", "interrupted by the user")
-        _err("interrupted; the events so far are kept in the run history", f"workbench show {run_id}")
-        return EXIT_FAILED
+        how = "terminated (SIGTERM)" if _Signals.terminated else "interrupted"
+        with _Held():
+            emit(RunFailed(run_id=run_id, kind="cancelled", message=how))
+            log.fail("cancelled", f"{how}: the run was stopped before it finished")
+        _err(f"{how}; the events so far are kept in the run history", f"workbench show {run_id}")
+        _close(history, log, notify)
+        return EXIT_TERMINATED if _Signals.terminated else EXIT_FAILED
     except WorkbenchError as exc:
         emit(RunFailed(run_id=run_id, kind=exc.kind, message=exc.message, hint=exc.hint))
         details = getattr(exc, "details", None)
-        history.fail_run(run_id, exc.kind, exc.message, f"{exc.hint}\n{details}" if details else exc.hint)
+        log.fail(exc.kind, exc.message, f"{exc.hint}\n{details}" if details else exc.hint)
         _err(exc.message, exc.hint)
+        _close(history, log, notify)
         return exc.exit_code
     except Exception as exc:  # a bug or a library failure: keep what was computed, say where it is
         tb = traceback.format_exc()
         emit(RunFailed(run_id=run_id, kind="run_failed", message=f"{type(exc).__name__}: {exc}", hint=tb[-2000:]))
-        history.fail_run(run_id, "run_failed", f"{type(exc).__name__}: {exc}", tb[-4000:])
+        log.fail("run_failed", f"{type(exc).__name__}: {exc}", tb[-4000:])
         _err(f"the run failed: {type(exc).__name__}: {exc}", f"the traceback is stored with the run: workbench show {run_id}")
         if os.environ.get("WORKBENCH_DEBUG"):
             print(tb, file=sys.stderr)
+        _close(history, log, notify)
         return EXIT_FAILED
-    finally:
-        history.close()
-    for step in summary.get("steps", []):
-        for table in step_tables(step):
-            console.print(table)
-    console.print(summary_table(summary))
-    if as_json:
-        print(json.dumps(summary, indent=2, default=str))
+    _close(history, log, notify)
+    try:
+        for step in summary.get("steps", []):
+            for table in step_tables(step):
+                console.print(table)
+        console.print(summary_table(summary))
+        if as_json:
+            print(json.dumps(summary, indent=2, default=str))
+    except KeyboardInterrupt:
+        _err("the run had finished and is recorded as finished; only its output was cut short",
+             f"workbench show {run_id}")
     return EXIT_OK
+
+
+def _close(history, log, notify) -> None:
+    """Close the history; if the run had to be journaled, merge it now when possible, else say where it is."""
+    if log.journal is not None:
+        try:
+            merged = log.run_id in history.merge_journals()
+        except Exception:  # noqa: BLE001 - the journal stays for the next time
+            merged = False
+        if not merged:
+            notify(f"the run history could not be written ({log.problem}); this run's records are in {log.journal} "
+                   f"and are merged into the history the next time it can be written")
+    history.close()
 
 
 def cmd_history(args) -> int:
@@ -243,7 +333,7 @@ def cmd_history(args) -> int:
     from .evaluation.report import perplexity_text
     from .history import History
 
-    with History() as h:
+    with History(notify=_warn) as h:
         runs = h.runs(limit=args.limit)
         rows = [(r, h.metrics(r.id)) for r in runs]
     if args.json:
@@ -269,7 +359,7 @@ def cmd_show(args) -> int:
     from .console import step_tables, summary_table
     from .history import History
 
-    with History() as h:
+    with History(notify=_warn) as h:
         r = h.get(args.run_id)
         metrics = h.metrics(r.id)
         events = h.events(r.id) if args.events or args.json else []
@@ -311,12 +401,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return EXIT_OK
         args = parser.parse_args(["ui"])  # no arguments in a terminal: open the workbench
+    _Signals.install()
     try:
         return COMMANDS[args.command](args)
     except WorkbenchError as exc:
         _err(exc.message, exc.hint)
         return exc.exit_code
     except KeyboardInterrupt:
+        if _Signals.terminated:
+            _err("terminated (SIGTERM)")
+            return EXIT_TERMINATED
         _err("interrupted")
         return EXIT_FAILED
 

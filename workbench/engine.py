@@ -10,46 +10,24 @@ from __future__ import annotations
 import platform
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import __version__
-from .errors import Cancelled, RunError, UserError, WorkbenchError
-from .events import Emit, Log, Metric, Progress, RunFinished, RunStarted, StageFinished, StageStarted, WarningEvent
+from .context import StepContext, timed_stage
+from .errors import RunError, UserError, WorkbenchError
+from .events import Emit, Log, Metric, Progress, RunFinished, RunStarted, StagePlan, WarningEvent
 from .history import cache_dir, new_run_id, workbench_home
+from .data.sampling import calibration_data
+from .data.sources import SourceContext
+from .data.summary import calibration_summary, summary_line
+from .data.windows import default_seqlen, window_length
+from .models import load_spec_model, model_summary
+from .preflight import check_steps
+from .registry import step_type
 from .spec import RunSpec, validate
-
-MAX_SEQLEN = 2048
-
-# Where each step type's runner lives: "module:function", imported when a run
-# uses it. A runner is ``fn(run: Run, index: int, step) -> dict`` (the step's
-# report: "type", "label", and what the step measured). It reads the
-# calibration tokens from ``run.tokens`` (and may replace them, e.g. after the
-# vocabulary changes), wraps its work in ``run.stage(...)``, emits events
-# through ``run.emit`` and checks ``run.cancel`` at layer boundaries. A step
-# that changes the model's structure so that a plain ``from_pretrained`` can
-# no longer rebuild it appends an entry to ``run.structure`` (see
-# ``workbench.rebuild``).
-STEP_RUNNERS: dict[str, str] = {
-    "prune": "workbench.pruner:run_step",
-    "lowrank": "workbench.lowrank.step:run_step",
-    "depth": "workbench.structured.step:run_step",
-    "width": "workbench.structured.step:run_step",
-    "vocab": "workbench.structured.step:run_step",
-}
-
-
-def step_runner(kind: str) -> Callable:
-    import importlib
-
-    if kind not in STEP_RUNNERS:
-        raise UserError(f"no runner for step type {kind!r}", f"known step types: {', '.join(STEP_RUNNERS)}")
-    module, _, func = STEP_RUNNERS[kind].partition(":")
-    return getattr(importlib.import_module(module), func)
-
 
 def versions() -> dict:
     import transformers
@@ -85,32 +63,25 @@ class Run:
         self.tokens = None  # calibration token ids, (nsamples, seqlen)
         self.structure: list[dict] = []  # entries workbench.rebuild needs to rebuild the exported model
         self.summary: dict = {}
+        self._capped: set[str] = set()  # the seqlen keys already warned about
 
     # ------------------------------------------------------------------ stages
-    @contextmanager
     def stage(self, name: str, title: str, total: int | None = None):
-        self._check_cancel()
-        self.emit(StageStarted(stage=name, title=title, total=total))
-        t0 = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - t0
-        self.timings[name] = round(seconds, 3)
-        self.emit(StageFinished(stage=name, seconds=seconds))
+        """A stage of the run: announced, timed (``timings[name]``), cancellable at its start."""
+        return timed_stage(self.emit, self.timings, self.cancel, name, title, total)
 
-    def _check_cancel(self) -> None:
-        if self.cancel is not None and self.cancel():
-            raise Cancelled("the run was cancelled", "partial results are kept in the run history")
+    def step_context(self, index: int) -> StepContext:
+        return StepContext(loaded=self.loaded, spec=self.spec, run_id=self.run_id, index=index, tokens=self.tokens, run_dir=self.run_dir,
+                           emit=self.emit, cancel=self.cancel, structure=self.structure, timings=self.timings)
 
     # ------------------------------------------------------------------ pieces
     def load(self):
-        from .models import load_model, model_summary
-
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress display reports loading
         m = self.spec.model
         with self.stage("load", f"Loading {m.name}"):
-            self.loaded = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+            self.loaded = load_spec_model(m)
             info = model_summary(self.loaded)
             self.model_info = info
             self.emit(Log(message=f"{info.get('architecture')} with {info.get('num_layers')} layers, "
@@ -118,16 +89,23 @@ class Run:
         return self.loaded
 
     def context_seqlen(self) -> int:
-        return min(MAX_SEQLEN, int(self.loaded.adapter.context_length or MAX_SEQLEN))
+        return default_seqlen(self.loaded.adapter.context_length)
+
+    def seqlen_for(self, asked: int | None, key: str) -> int:
+        """The window length for ``key`` (calibration.seqlen, evaluate.seqlen): ``workbench.data.windows``'s rule,
+        warned about once per key."""
+        def warn(message: str) -> None:
+            if key not in self._capped:
+                self._capped.add(key)
+                self.emit(WarningEvent(message=message))
+
+        return window_length(asked, self.loaded.adapter.context_length, key, warn)
 
     def calibrate(self) -> torch.Tensor:
         """Build the calibration windows; with ``calibration.summary``, describe them (Log event and the run summary)."""
-        from .calibration import SourceContext, calibration_data, calibration_summary, summary_line
 
         c = self.spec.calibration
-        seqlen = c.seqlen or self.context_seqlen()
-        if seqlen > self.loaded.adapter.context_length:
-            self.emit(WarningEvent(message=f"calibration seqlen {seqlen} exceeds the model's context ({self.loaded.adapter.context_length})"))
+        seqlen = self.seqlen_for(c.seqlen, "calibration.seqlen")
         context = SourceContext(
             options={"selfgen": c.selfgen}, device=self.loaded.device, cancel=self.cancel,
             progress=lambda done, total, detail: self.emit(Progress(stage="calibrate", done=done, total=total, detail=detail)),
@@ -194,7 +172,7 @@ class Run:
 
         e = self.spec.evaluate
         loaded = self.loaded
-        seqlen = e.seqlen or self.context_seqlen()
+        seqlen = self.seqlen_for(e.seqlen, "evaluate.seqlen")
         name = f"evaluate:{phase}"
         with self.stage(name, f"Perplexity ({phase_label(phase)})"):
             for ds in e.perplexity:
@@ -214,19 +192,56 @@ class Run:
         self.metrics.append(metric)
         self.emit(Metric(**metric))
 
-    def compress(self, index: int, step) -> None:
-        """Apply one compression step through the runner registered for its type."""
-        runner = step_runner(step.type)
-        report = runner(self, index, step)
+    def compress(self, index: int, step) -> dict:
+        """Apply one compression step through the runner its type registered (``workbench.registry``); its report."""
+        entry = step_type(step.type)
+        plan = entry.plan(step, index, len(self.loaded.adapter.layers))
+        self.emit(StagePlan(step=index, kind=step.type, label=step.label(), stages=[s.to_dict() for s in plan]))
+        ctx = self.step_context(index)
+        with torch.set_grad_enabled(entry.gradients):
+            report = entry.run(ctx, step)
+        self.tokens = ctx.tokens  # a vocabulary step re-expresses the calibration windows
         self.steps.append(report)
+        return report
 
-    def export(self) -> str | None:
+    def export_target(self) -> Path | None:
+        """Where the export goes (None when the run does not save its model)."""
         x = self.spec.export
         if not x.save:
             return None
+        return Path(x.out).expanduser() if x.out else self.run_dir / "model"
+
+    def check_export_target(self) -> None:
+        """Before any work: the export folder may be written, and there is roughly room for the model.
+
+        A folder that is not empty and is not an earlier export, an earlier
+        export without ``export.overwrite``, a parent that is a file, a folder
+        that cannot be written: each is a UserError now, not after the run.
+        """
+        out = self.export_target()
+        if out is None:
+            return
+        from .files import checkpoint_bytes, export_space_warning, prepare_export_target
+        from .model_source import resolve_model_source
+
+        info = prepare_export_target(out, self.spec.export.overwrite, log=lambda message: self.emit(Log(message=message)))
+        self._export_free = info["free_bytes"]
+        try:
+            kind, where = resolve_model_source(self.spec.model.name)
+        except UserError:
+            return  # loading reports it
+        if kind != "hub":
+            warning = export_space_warning(info["free_bytes"], checkpoint_bytes(where), out)
+            if warning:
+                self.emit(WarningEvent(message=warning))
+
+    def export(self) -> str | None:
+        out = self.export_target()
+        if out is None:
+            return None
         from .export import export_model
 
-        out = Path(x.out).expanduser() if x.out else self.run_dir / "model"
+        x = self.spec.export
         dtype = None
         if x.dtype == "auto":
             original = getattr(self.loaded.model.config, "dtype", None) or getattr(self.loaded.model.config, "torch_dtype", None)
@@ -236,7 +251,8 @@ class Run:
         else:
             dtype = getattr(torch, x.dtype)
         with self.stage("export", f"Saving to {out}"):
-            path = export_model(self.loaded.model, self.loaded.tokenizer, out, self.build_summary(exported=str(out)), dtype=dtype)
+            path = export_model(self.loaded.model, self.loaded.tokenizer, out, self.build_summary(exported=str(out)),
+                                dtype=dtype, overwrite=x.overwrite, log=lambda message: self.emit(Log(message=message)))
         return str(path)
 
     def build_summary(self, exported: str | None = None) -> dict:
@@ -260,7 +276,9 @@ class Run:
         self.emit(RunStarted(run_id=self.run_id, spec=self.spec.to_dict()))
         try:
             with torch.no_grad():
+                self.check_export_target()
                 self.load()
+                check_steps(self.loaded, self.spec.steps)  # what only the model can judge, before any step runs
                 self.prepared_evaluations()  # a bad task or data file fails now, not after compression
                 self.tokens = self.calibrate() if self.spec.steps else None
                 if self.spec.evaluate.before or not self.spec.steps:

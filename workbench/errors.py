@@ -45,3 +45,12 @@ class Cancelled(WorkbenchError):
 
     exit_code = 1
     kind = "cancelled"
+
+
+CANCEL_HINT = "partial results are kept in the run history"
+
+
+def check_cancel(cancel, hint: str = CANCEL_HINT) -> None:
+    """Raise ``Cancelled`` when ``cancel()`` says the run was cancelled (every layer boundary calls this)."""
+    if cancel is not None and cancel():
+        raise Cancelled("the run was cancelled", hint)

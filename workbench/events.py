@@ -52,6 +52,24 @@ class Progress(Event):
 
 
 @dataclass
+class StagePlan(Event):
+    """The stages a compression step will go through, announced as it begins (``workbench.registry.PlannedStage``).
+
+    Each stage is ``{"stage", "title", "total", "quantity"}``; ``quantity``
+    says what the stage's ``LayerDone.value`` is: ``sparsity`` (fraction of
+    weights removed), ``retained`` (fraction of parameters kept) or
+    ``removed`` (fraction of parameters removed); None when it reports no
+    per-layer value.
+    """
+
+    type = "stage_plan"
+    step: int = 0
+    kind: str = ""
+    label: str = ""
+    stages: list = field(default_factory=list)
+
+
+@dataclass
 class StageFinished(Event):
     type = "stage_finished"
     stage: str = ""
@@ -75,6 +93,7 @@ class LayerDone(Event):
     target: float = 0.0
     seconds: float = 0.0
     modules: dict = field(default_factory=dict)
+    value: float | None = None  # the quantity the stage's plan names (StagePlan); None: read ``sparsity``
 
 
 @dataclass
@@ -144,8 +163,8 @@ class RunFailed(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (RunStarted, StageStarted, Progress, StageFinished, LayerDone, Metric, Trial, Log, WarningEvent, RunFinished,
-                RunFailed)
+    for cls in (RunStarted, StageStarted, StagePlan, Progress, StageFinished, LayerDone, Metric, Trial, Log, WarningEvent,
+                RunFinished, RunFailed)
 }
 
 Emit = Callable[[Event], None]

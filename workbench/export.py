@@ -6,25 +6,29 @@ It loads back with ``AutoModelForCausalLM.from_pretrained(folder)`` and
 ``AutoTokenizer.from_pretrained(folder)`` and nothing from workbench.
 
 Everything is written into a hidden temporary folder beside the target
-(``.NAME.tmp-XXXXXXXX``) and renamed into place only when complete. An existing
-target is replaced only after the new folder is complete; on any failure the
-temporary folder is removed and a previous target is left untouched.
+(``.NAME.tmp-XXXXXXXX``) and renamed into place only when complete. The target
+may be new, an empty folder, or an earlier workbench export that the caller
+asked to overwrite; anything else is refused before any work
+(``workbench.files.check_export_target``). An earlier export is replaced only
+after the new folder is complete; on any failure the temporary folder is
+removed and a previous target is left untouched. Temporary folders that a
+killed export left beside the target are cleaned up by the next export there.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from workbench.errors import RunError, UserError
-
-INFO_FILE = "compression.json"
+from workbench.files import (EXPORTED_BY, INFO_FILE, PARTIAL_MARK, check_export_target, move_into_place,
+                             new_temp_folder, prepare_export_target, read_export_info)
 
 
 def _versions() -> dict[str, str]:
@@ -113,46 +117,31 @@ def _fix_config_dtype(folder: Path, dtype: torch.dtype) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _new_sibling(parent: Path, stem: str, tag: str) -> Path:
-    for _ in range(100):
-        candidate = parent / f".{stem}.{tag}-{secrets.token_hex(4)}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise RunError(f"could not create a temporary folder in '{parent}'", hint="remove stale .*.tmp-* folders there")
-
-
-def _check_target(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"export path '{out_dir}' is an existing file, not a folder",
-                        hint="pass a new folder path (it is created) or an existing export folder to replace")
-    from workbench.models import DEMO_MODEL_DIR
-
+def _info_text(payload: dict) -> str:
     try:
-        if out_dir.exists() and out_dir.resolve() == DEMO_MODEL_DIR.resolve():
-            raise UserError("refusing to export over the bundled demo model",
-                            hint="pass another output folder")
-    except OSError:
-        pass
-    if out_dir.name in ("", ".", ".."):
-        raise UserError(f"export path '{out_dir}' is not a folder name", hint="pass a folder path such as runs/pruned-model")
+        return json.dumps(payload, indent=2, default=_jsonable)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"export info cannot be written as JSON: {exc}", hint="pass plain values in info") from exc
 
 
-def export_model(model, tokenizer, out_dir, info: dict, dtype=None) -> Path:
+def export_model(model, tokenizer, out_dir, info: dict, dtype=None, overwrite: bool = False, log=None) -> Path:
     """Save ``model`` and ``tokenizer`` to ``out_dir`` with ``compression.json``; return the folder.
 
     ``info`` (run spec, per-layer sparsity, metrics, timings...) is written as
     ``compression.json``; the versions of workbench, torch and transformers are added
-    under ``"versions"`` when missing. ``dtype`` ("float32" | "bfloat16" | "float16" or
-    a torch dtype) saves the weights in that dtype without modifying the model, at the
-    cost of one cast copy of the weights in memory; by default the model is saved as it is.
+    under ``"versions"`` when missing, with ``exported_by`` and the ``files`` the
+    export wrote (what lets a later export with ``overwrite`` replace this folder,
+    and nothing else). ``dtype`` ("float32" | "bfloat16" | "float16" or a torch
+    dtype) saves the weights in that dtype without modifying the model, at the
+    cost of one cast copy of the weights in memory; by default the model is saved
+    as it is. ``out_dir`` may be new, empty, or an earlier export when
+    ``overwrite``; anything else is a UserError before any work. ``log(message)``
+    hears about stale temporary folders cleaned up beside the target.
 
     Atomic: a failure leaves no partial folder and any previous ``out_dir`` untouched.
     """
     out_dir = Path(os.fspath(out_dir)).expanduser().absolute()
-    _check_target(out_dir)
+    prepare_export_target(out_dir, overwrite, log)
     target_dtype = _resolve_dtype(dtype)
     if info is None:
         info = {}
@@ -164,10 +153,8 @@ def export_model(model, tokenizer, out_dir, info: dict, dtype=None) -> Path:
     for key, value in _versions().items():
         versions.setdefault(key, value)
     payload["versions"] = versions
-    try:
-        info_text = json.dumps(payload, indent=2, default=_jsonable)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"export info cannot be written as JSON: {exc}", hint="pass plain values in info") from exc
+    payload["exported_by"] = f"{EXPORTED_BY} {versions.get('workbench', '')}".strip()
+    _info_text(payload)  # unserializable info is bad input: refuse it before writing anything
 
     parent = out_dir.parent
     try:
@@ -175,8 +162,7 @@ def export_model(model, tokenizer, out_dir, info: dict, dtype=None) -> Path:
     except OSError as exc:
         raise UserError(f"cannot create the folder '{parent}': {exc.strerror or exc}",
                         hint="check the path and its permissions") from exc
-
-    tmp = _new_sibling(parent, out_dir.name, "tmp")
+    tmp = new_temp_folder(parent, out_dir.name, "tmp")
     try:
         model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         if target_dtype is not None and target_dtype != model_dtype:
@@ -185,10 +171,16 @@ def export_model(model, tokenizer, out_dir, info: dict, dtype=None) -> Path:
         else:
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / INFO_FILE).write_text(info_text + "\n", encoding="utf-8")
         if not any(tmp.glob("*.safetensors")):
             raise RunError("the export wrote no safetensors weights", hint="this is a bug; please report it")
-        _swap_into_place(tmp, out_dir)
+        payload["files"] = sorted([p.name for p in tmp.iterdir() if p.name != PARTIAL_MARK] + [INFO_FILE])
+        (tmp / INFO_FILE).write_text(_info_text(payload) + "\n", encoding="utf-8")
+        try:
+            move_into_place(tmp, out_dir, overwrite)
+        except UserError as exc:  # the target changed while the run computed: keep the finished export beside it
+            kept = parent / f"{out_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(tmp, kept)
+            raise RunError(f"{exc.message}; the finished export was kept in '{kept}'", exc.hint) from None
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -198,28 +190,4 @@ def export_model(model, tokenizer, out_dir, info: dict, dtype=None) -> Path:
     return out_dir
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``out_dir``, replacing an existing one only now."""
-    if not out_dir.exists() and not out_dir.is_symlink():
-        os.rename(tmp, out_dir)
-        return
-    old = _new_sibling(out_dir.parent, out_dir.name, "old")
-    old.rmdir()  # only the name was needed; os.rename needs the target to be absent (or empty)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def read_export_info(folder) -> dict:
-    """The ``compression.json`` of an exported folder (empty dict when absent)."""
-    path = Path(os.fspath(folder)).expanduser() / INFO_FILE
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-__all__ = ["export_model", "read_export_info", "INFO_FILE"]
+__all__ = ["export_model", "check_export_target", "read_export_info", "INFO_FILE"]

@@ -8,16 +8,15 @@ removed: a cache handed from call to call would make each layer attend to keys
 left by earlier samples. Layer 0's input hidden states are kept; the layers
 themselves are not computed during capture.
 
-``LayerRunner`` then moves one layer to the device, optionally collects
-statistics of its linear sublayers' inputs with hooks, and re-runs it to turn
-its inputs into the next layer's inputs, in place.
+``LayerRunner`` re-runs one layer over those inputs to turn them into the
+next layer's inputs, in place; ``Resident`` keeps one layer on the compute
+device meanwhile. The per-layer loop itself, with the statistics methods
+need, is ``workbench.sweep``.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -25,8 +24,8 @@ from torch import nn
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
 
 
-class _StopForward(Exception):
-    """Raised at the final norm to stop the model's forward after the layers."""
+class StopForward(Exception):
+    """Raised in a hook to stop a forward pass early (at the final norm, or once the statistics are in)."""
 
 
 def _is_cache(value) -> bool:
@@ -109,7 +108,7 @@ def capture_inputs(adapter, tokens: torch.Tensor, device, batch_size: int = 8, s
     stop_at = adapter.final_norm if adapter.final_norm is not None else adapter.lm_head
 
     def stop(module, inputs):
-        raise _StopForward
+        raise StopForward
 
     pre = adapter.pre_layer_modules()
     handle = stop_at.register_forward_pre_hook(stop)
@@ -121,7 +120,7 @@ def capture_inputs(adapter, tokens: torch.Tensor, device, batch_size: int = 8, s
             state["batch"] = b
             try:
                 model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -150,7 +149,8 @@ class Resident:
     Moving back reuses the module's original CPU tensors instead of allocating
     new ones, and copies the device values into them only with ``write_back``
     (after compression changed the weights): a dense pass moves nothing back.
-    On a CPU device it does nothing.
+    Tensors the block created on the device (new submodules, such as a
+    low-rank pair) are moved to the CPU. On a CPU device it does nothing.
     """
 
     def __init__(self, module: nn.Module, device, write_back: bool = False):
@@ -163,6 +163,8 @@ class Resident:
     def __enter__(self) -> nn.Module:
         if self.device.type == "cpu":
             return self.module
+        self._already = {id(t) for mod in self.module.modules() for t in (*mod._parameters.values(), *mod._buffers.values())
+                         if t is not None and t.device == self.device}
         for mod in self.module.modules():
             for param in mod._parameters.values():
                 if param is not None and param.device != self.device:
@@ -183,48 +185,14 @@ class Resident:
             mod._buffers[name] = home
         self._params.clear()
         self._buffers.clear()
-
-
-@contextmanager
-def _exact_tf32(x: torch.Tensor):
-    """TF32 matmuls where they are exact: 16-bit inputs fit TF32's 10-bit mantissa, and sums stay float32."""
-    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    before = matmul.allow_tf32
-    matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        matmul.allow_tf32 = before
-
-
-class InputStats:
-    """Statistics of one input tensor shared by one or more linear sublayers."""
-
-    def __init__(self, in_features: int, device, hessian: bool, sq_norm: bool):
-        self.tokens = 0
-        self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device) if sq_norm else None
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
-
-    def add(self, x: torch.Tensor) -> None:
-        x16 = x
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.tokens += x.shape[0]
-        if self.sq_norm is not None:
-            self.sq_norm += x.pow(2).sum(0)
-        if self.hessian is not None:
-            with _exact_tf32(x16):
-                self.hessian.addmm_(x.t(), x)
-
-
-@dataclass
-class LayerStats:
-    """Per linear name: its statistics object (shared within a group) and the groups."""
-
-    stats: dict[str, InputStats]
-    groups: list[list[str]]  # linears that read the same input tensor, in module order
+        if self.device.type != "cpu":  # modules the block created on the device (a low-rank pair) go home too
+            for mod in self.module.modules():
+                for param in mod._parameters.values():
+                    if param is not None and param.device == self.device and id(param) not in self._already:
+                        param.data = param.data.to("cpu")
+                for name, buf in list(mod._buffers.items()):
+                    if buf is not None and buf.device == self.device and id(buf) not in self._already:
+                        mod._buffers[name] = buf.to("cpu")
 
 
 class LayerRunner:
@@ -236,70 +204,21 @@ class LayerRunner:
         self.device = torch.device(device)
         self.store_device = torch.device(store_device) if store_device is not None else self.device
 
-    def _forward_batch(self, layer: nn.Module, index: int, b: int) -> torch.Tensor:
+    def forward_batch(self, layer: nn.Module, index: int, b: int) -> torch.Tensor:
+        """Layer ``index``'s output for calibration batch ``b`` (its stored input left as it is)."""
         args, kwargs = self.captured.layer_args[index][b]
         x = self.captured.hidden[b].to(self.device)
         return _layer_output(layer(x, *args, **kwargs))
 
-    @torch.no_grad()
-    def collect(self, layer: nn.Module, index: int, linears: dict[str, nn.Module], hessian: bool, sq_norm: bool,
-                weight_shape: Callable[[nn.Module], tuple[int, int]]) -> LayerStats:
-        """One pass over all batches with hooks on ``linears``; linears fed the same tensor share statistics.
-
-        The statistics need only the linears' inputs, so each batch's forward
-        stops as soon as every linear has seen its input (the last linear, a
-        down projection, is never computed here).
-        """
-        stats: dict[str, InputStats] = {}
-        leader_of: dict[str, str] = {}
-        seen: dict[int, tuple[str, torch.Tensor]] = {}  # id(input) -> (leader, input kept alive for this batch)
-        state = {"first": True}
-        called: set[str] = set()
-
-        def hook(name):
-            def fn(module, inputs):
-                x = inputs[0]
-                if state["first"]:
-                    key = id(x)
-                    if key in seen:
-                        leader_of[name] = seen[key][0]
-                    else:
-                        seen[key] = (name, x)
-                        leader_of[name] = name
-                        stats[name] = InputStats(weight_shape(module)[1], self.device, hessian, sq_norm)
-                if leader_of[name] == name:
-                    stats[name].add(x)
-                called.add(name)
-                if len(called) == len(linears):
-                    raise _StopForward
-
-            return fn
-
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-        try:
-            for b in range(len(self.captured.hidden)):
-                called.clear()
-                try:
-                    self._forward_batch(layer, index, b)
-                except _StopForward:
-                    pass
-                state["first"] = False
-                seen.clear()
-        finally:
-            for h in handles:
-                h.remove()
-        groups: dict[str, list[str]] = {}
-        for name in linears:
-            if name in leader_of:
-                groups.setdefault(leader_of[name], []).append(name)
-        return LayerStats(stats={n: stats[leader_of[n]] for n in leader_of}, groups=list(groups.values()))
+    def propagate_batch(self, layer: nn.Module, index: int, b: int) -> None:
+        """Replace batch ``b``'s stored input by this layer's output."""
+        self.captured.hidden[b] = self.forward_batch(layer, index, b).to(self.store_device)
 
     @torch.no_grad()
     def propagate(self, layer: nn.Module, index: int) -> None:
         """Replace the stored inputs by this layer's outputs (the next layer's inputs)."""
         for b in range(len(self.captured.hidden)):
-            out = self._forward_batch(layer, index, b)
-            self.captured.hidden[b] = out.to(self.store_device)
+            self.propagate_batch(layer, index, b)
 
     @torch.no_grad()
     def final_hidden(self) -> list[torch.Tensor]:

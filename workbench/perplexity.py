@@ -11,7 +11,7 @@ equals the references' ``exp(sum(loss * seqlen) / (windows * seqlen))``.
 - ``books``: four held-out Project Gutenberg books (``assets/data/books-eval.txt``),
   in-domain text the bundled demo model never saw; calibration on ``books``
   uses two other books.
-- ``file:PATH``: the text of a local file (``workbench.corpora.file_text``).
+- ``file:PATH``: the text of a local file (``workbench.data.corpora.file_text``).
 
 torch is imported only when tokens are built or a model is evaluated.
 """
@@ -25,7 +25,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from workbench import corpora
+from workbench.data import corpora
+from workbench.data.cache import tokenizer_fingerprint
 from workbench.errors import Cancelled, UserError
 
 if TYPE_CHECKING:
@@ -83,8 +84,6 @@ def eval_tokens(dataset: str, tokenizer, seqlen: int) -> "torch.Tensor":
     evaluates before and after compression; a fresh copy is returned.
     """
     import torch
-
-    from workbench.calibration import tokenizer_fingerprint
 
     seqlen = _positive_int("seqlen", seqlen, 2)
     name, arg = _parse(dataset)

@@ -11,35 +11,26 @@ resizes modules, with any weights: they are overwritten next), then loads the
 saved weights strictly, so a missing or unexpected tensor is an error, never a
 silently random weight.
 
-Register a kind with ``register_structure(kind, "module:function")``; the
+A step type declares the kinds it records, and the function that applies
+each, in its registry entry (``workbench.registry.StepType.structures``); the
 function is ``fn(model, entry) -> None``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
-
-STRUCTURE_KINDS: dict[str, str] = {
-    "lowrank": "workbench.lowrank.modules:apply_structure",
-    "width": "workbench.structured.width:apply_structure",
-}
-
-
-def register_structure(kind: str, target: str) -> None:
-    STRUCTURE_KINDS[kind] = target
-
+from .registry import load as resolve, structure_appliers
 
 def _resolve(kind: str) -> Callable:
-    if kind not in STRUCTURE_KINDS:
+    appliers = structure_appliers()
+    if kind not in appliers:
         raise UserError(f"the checkpoint needs structure {kind!r}, which this version of workbench cannot rebuild",
                         "upgrade workbench, or export the model merged into a plain checkpoint")
-    module, _, func = STRUCTURE_KINDS[kind].partition(":")
-    return getattr(importlib.import_module(module), func)
+    return resolve(appliers[kind])
 
 
 def structure_entries(path) -> list[dict]:
@@ -122,15 +113,3 @@ def _materialize_buffers(model, config) -> None:
         if value is None:
             raise UserError(f"cannot rebuild buffer {name}", "this is a bug; please report it")
         module.register_buffer(buffer_name, value, persistent=name in model.state_dict())
-
-
-def load(path, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """Load an exported (or any local or hub) model with its tokenizer: ``(model, tokenizer)``.
-
-    Checkpoints with a recorded structure (factorized linears, per-layer widths)
-    are rebuilt; others load as ``transformers`` loads them.
-    """
-    from .models import load_model
-
-    loaded = load_model(str(path), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    return loaded.model, loaded.tokenizer

@@ -13,6 +13,7 @@ No torch at import time: the engine is imported when an evaluation runs.
 from __future__ import annotations
 
 import json
+import sys
 
 from workbench.errors import UserError
 
@@ -132,12 +133,19 @@ def _evaluate_into(history, record, spec, display) -> list[dict]:
     from workbench.engine import Run
     from workbench.events import Log, fanout
 
-    emit = fanout(history.recorder(record.id), display)
+    log = history.attach_to(record.id)  # a history that cannot be written costs nothing: a journal holds the events
+    emit = fanout(log, display)
     run = Run(spec, emit=emit, run_id=record.id, run_dir=record.out_dir)
     emit(Log(message=f"evaluation attached to run {record.id}: {spec.model.name}"))
-    with display, torch.no_grad():
-        run.load()
-        run.evaluate("eval")
+    try:
+        with display, torch.no_grad():
+            run.load()
+            run.evaluate("eval")
+    finally:
+        log.close()
+        if log.journal is not None and record.id not in history.merge_journals():
+            print(f"warning: the run history could not be written ({log.problem}); the evaluation's records are in "
+                  f"{log.journal} and are merged the next time it can be written", file=sys.stderr)
     return run.metrics
 
 
@@ -196,7 +204,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import markdown_report, write_text_atomic
+    from workbench.files import write_text_atomic
+
+    from .report import markdown_report
 
     path = write_text_atomic(args.out, markdown_report(_load_runs(args.runs), title=args.title))
     print(f"report written to {path}")

@@ -187,7 +187,8 @@ def check_icl_settings(e, where: str = "evaluate") -> None:
             if len(name) == len("file:"):
                 raise UserError(f"{where}.icl: 'file:' needs a path", "write file:PATH.jsonl")
             if len(e.icl_labels) < 2:
-                raise UserError(f"{where}.icl: {name} needs its label words", f'set {where}.icl_labels = ["negative", "positive"] (one per label index)')
+                raise UserError(f"{where}.icl: {name} needs its label words",
+                                f'set {where}.icl_labels = ["negative", "positive"] (one per label index)')
             if e.icl_template and "{text}" not in e.icl_template:
                 raise UserError(f"{where}.icl_template = {e.icl_template!r} has no {{text}}", 'for example "Review: {text}\\nSentiment:"')
             if "fewshot" in e.icl_modes:

@@ -14,11 +14,8 @@ without steps that is not the baseline is a column of its own.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from workbench.errors import UserError
 
@@ -303,21 +300,3 @@ def markdown_report(runs: list[tuple], title: str | None = None) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def write_text_atomic(path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(os.fspath(path)).expanduser()
-    if path.is_dir():
-        raise UserError(f"'{path}' is a folder", "give a file name such as report.md")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise UserError(f"cannot write '{path}': {exc.strerror or exc}", "check the folder and its permissions") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -91,9 +91,9 @@ def _quiet_lm_eval():
 
 def _hub_failure(exc: BaseException) -> bool:
     """Whether loading failed because the Hugging Face Hub could not be reached (or offline mode forbade it)."""
-    from workbench.models import _exception_chain
+    from workbench.models import exception_chain
 
-    names = {cls.__name__ for e in _exception_chain(exc) for cls in type(e).__mro__}
+    names = {cls.__name__ for e in exception_chain(exc) for cls in type(e).__mro__}
     return bool(names & {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError",
                          "ConnectError"})
 
@@ -119,7 +119,8 @@ def load_tasks(names: list[str]) -> dict[str, dict]:
             except Exception as exc:
                 if _hub_failure(exc):
                     raise UserError(f"zero-shot task {ref.name!r} needs its data from the Hugging Face Hub, which could not be reached",
-                                    f"use a bundled task ({', '.join(BUNDLED_TASKS)}), or go online / unset HF_DATASETS_OFFLINE once to cache it") from None
+                                    f"use a bundled task ({', '.join(BUNDLED_TASKS)}), "
+                                    "or go online / unset HF_DATASETS_OFFLINE once to cache it") from None
                 raise UserError(f"cannot load zero-shot task {ref.name!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                                 "check the task file (an lm-eval task YAML)") from None
     return out

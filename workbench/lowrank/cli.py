@@ -6,6 +6,7 @@ No torch at import time (see ``workbench.cli.COMMAND_MODULES``).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from workbench.errors import UserError
@@ -24,6 +25,8 @@ def register(sub) -> dict:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set steps.0.trials=20 (repeatable)")
     p.add_argument("--out", help="export the compressed model to this folder (safetensors + compression.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --out replace an earlier workbench export in that folder (never any other folder)")
     p.add_argument("--merge", action="store_true", help="export plain linears (factors multiplied back) that vanilla transformers loads")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -51,8 +54,8 @@ def _resumed_data(run_id: str) -> dict:
         if not marker.is_file():
             raise UserError(f"run {record.id} has no search to resume (nothing at {marker})",
                             "it stopped before its search began: start it again with workbench search PRESET")
-        if record.status == "running":  # killed without a chance to record it
-            history.fail_run(record.id, "cancelled", "interrupted; resumed by a later run")
+        if record.status == "running":  # its process is alive: two processes on one study is fine, but say so
+            print(f"warning: run {record.id} is still running; this search joins its study", file=sys.stderr)
     study = json.loads(marker.read_text())
     step["storage"], step["study"] = study["storage"], study["study"]
     return data
@@ -78,6 +81,8 @@ def cmd_search(args) -> int:
         overrides.append("export.save=true")
     if args.out:
         overrides.append(f"export.out={json.dumps(args.out)}")
+    if args.overwrite:
+        overrides.append("export.overwrite=true")
     for item in overrides:
         apply_override(data, item)
     spec = spec_from_dict(data)

@@ -17,139 +17,108 @@ so that search workers and a resumed search skip the statistics pass.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from workbench.errors import Cancelled
-from workbench.events import LayerDone, Progress
-from workbench.layerwise import LayerRunner, Resident, capture_inputs
+from workbench.files import atomic_file
 from workbench.models import weight_matrix
+from workbench.observers import statistic
+from workbench.registry import load
+from workbench.sweep import LayerStats, LayerSweep, Watch
 
 from .allocation import Budget, Target
-from .factor import Factorization, asvd_factorization, dense_params, feature_factorization, svd_factorization
+from .factor import Factorization, dense_params
+from .family import METHODS, LowRankMethod
 from .modules import LowRankLinear, set_submodule
-from .stats import collect
 
 
-def uses_data(method: str) -> tuple[bool, bool]:
-    """Which statistics a method needs: ``(outputs, inputs)``."""
-    return method == "feature", method == "asvd"
-
-
-def factorize(method: str, module, stats: tuple | None, rank: int, alpha: float) -> Factorization:
-    """Factor one linear up to ``rank`` from its statistics ``(OutputStats, InputAbsMean)``."""
-    weight = weight_matrix(module)
-    bias = getattr(module, "bias", None)
-    if method == "svd":
-        return svd_factorization(weight, bias, rank)
-    if method == "asvd":
-        return asvd_factorization(weight, bias, rank, stats[1].result(), alpha)
-    covariance, mean = stats[0].result()
-    return feature_factorization(weight, bias, rank, covariance, mean)
-
-
-def _check_cancel(cancel) -> None:
-    if cancel is not None and cancel():
-        raise Cancelled("the run was cancelled", "partial results are kept in the run history")
+def factorize(method: LowRankMethod, module, stats: LayerStats | None, name: str, rank: int,
+              options: dict) -> Factorization:
+    """Factor one linear up to ``rank`` with ``method``, from the statistics its table row asks for."""
+    named = {}
+    if stats is not None:
+        named.update(stats.inputs.get(name, {}))
+        named.update(stats.outputs.get(name, {}))
+    return load(method.factorize)(weight_matrix(module), getattr(module, "bias", None), rank, named, options)
 
 
 class LayerPass:
-    """Shared set-up of a pass: the model's targets per layer, the device, captured inputs when the method needs data."""
+    """What the passes of one low-rank step share: the targets per layer, and a sweep with the method's statistics."""
 
     def __init__(self, loaded, tokens, budget: Budget, method: str, *, batch_size: int = 8, offload: bool = False,
-                 emit=None, stage: str = "lowrank", cancel=None):
+                 emit=None, stage: str = "lowrank", cancel=None, options: dict | None = None):
         self.adapter = loaded.adapter
-        self.device = torch.device(loaded.device)
-        self.store = torch.device("cpu") if offload else self.device
         self.dtype = loaded.dtype
-        self.method = method
-        self.emit = emit or (lambda e: None)
-        self.stage = stage
-        self.cancel = cancel
-        self.outputs, self.inputs = uses_data(method)
+        self.method = METHODS[method]
+        self.options = options or {"asvd_alpha": 0.5}
+        self.data = bool(self.method.inputs or self.method.outputs)
         self.by_layer: dict[int, list[Target]] = {}
         for t in budget.targets:
             self.by_layer.setdefault(t.layer, []).append(t)
-        self.runner = None
-        if self.outputs or self.inputs:
-            captured = capture_inputs(self.adapter, tokens, self.device, batch_size, self.store)
-            self.runner = LayerRunner(self.adapter, captured, self.device, self.store)
+        device = torch.device(loaded.device)
+        self.sweep = LayerSweep(self.adapter, tokens, device, batch_size=batch_size,
+                                store=torch.device("cpu") if offload else device, cancel=cancel, emit=emit, stage=stage)
 
-    def modules(self, layer, targets: list[Target]) -> dict:
-        linears = self.adapter.linear_modules(layer)
-        return {t.name: linears[t.name] for t in targets}
+    def watch(self, targets_of) -> Watch:
+        """The method's statistics on the linears ``targets_of(index)`` names."""
 
-    def stats(self, layer, index: int, targets: list[Target], propagate: bool) -> dict:
-        if self.runner is None:
-            return {}
-        if not targets:
-            if propagate:
-                self.runner.propagate(layer, index)
-            return {}
-        return collect(self.runner, layer, index, self.modules(layer, targets), outputs=self.outputs, inputs=self.inputs,
-                       propagate=propagate)
+        def linears(index, layer):
+            modules = self.adapter.linear_modules(layer)
+            return {t.name: modules[t.name] for t in targets_of(index)}
+
+        return Watch(inputs={name: statistic(name) for name in self.method.inputs},
+                     outputs={name: statistic(name, on="output") for name in self.method.outputs}, linears=linears)
+
+    def factorize(self, module, stats, name: str, rank: int) -> Factorization:
+        return factorize(self.method, module, stats, name, rank, self.options)
 
 
 @torch.no_grad()
-def dense_factorizations(layer_pass: LayerPass, alpha: float) -> dict[str, Factorization]:
+def dense_factorizations(layer_pass: LayerPass) -> dict[str, Factorization]:
     """Every target's factors up to its largest saving rank, from dense-model statistics, on the CPU."""
     p = layer_pass
-    layers = p.adapter.layers
     factors: dict[str, Factorization] = {}
-    for i, layer in enumerate(layers):
-        _check_cancel(p.cancel)
-        targets = [t for t in p.by_layer.get(i, []) if t.max_rank]
-        with Resident(layer, p.device):
-            stats = p.stats(layer, i, targets, propagate=True)
-            modules = p.modules(layer, targets)
-            for t in targets:
-                fac = factorize(p.method, modules[t.name], stats.get(t.name), t.max_rank, alpha)
-                factors[t.key] = fac.to("cpu", p.dtype)
-        p.emit(Progress(stage=p.stage, done=i + 1, total=len(layers), detail="statistics and factorizations"))
+
+    def targets(i: int) -> list[Target]:
+        return [t for t in p.by_layer.get(i, []) if t.max_rank]
+
+    def factorize_layer(layer, i, stats) -> None:
+        modules = p.adapter.linear_modules(layer)
+        for t in targets(i):
+            factors[t.key] = p.factorize(modules[t.name], stats, t.name, t.max_rank).to("cpu", p.dtype)
+
+    p.sweep.run(factorize_layer, p.watch(targets), dense=True, data=p.data, detail="statistics and factorizations")
     return factors
 
 
 @torch.no_grad()
-def apply_sequential(layer_pass: LayerPass, ranks: dict[str, int], alpha: float,
-                     target_retention: float) -> tuple[dict[str, torch.nn.Module], list[dict]]:
+def apply_sequential(layer_pass: LayerPass, ranks: dict[str, int], target_retention: float) -> tuple[dict[str, torch.nn.Module], list[dict]]:
     """Replace every target with a nonzero rank, layer by layer; return the replaced modules and a per-layer report."""
     p = layer_pass
-    layers = p.adapter.layers
     originals: dict[str, torch.nn.Module] = {}
-    report = []
-    for i, layer in enumerate(layers):
-        _check_cancel(p.cancel)
-        t0 = time.perf_counter()
-        targets = [t for t in p.by_layer.get(i, []) if ranks.get(t.key)]
+
+    def targets(i: int) -> list[Target]:
+        return [t for t in p.by_layer.get(i, []) if ranks.get(t.key)]
+
+    def replace(layer, i, stats) -> dict:
         linears = p.adapter.linear_modules(layer)
-        new_modules = []
-        with Resident(layer, p.device):
-            stats = p.stats(layer, i, targets, propagate=False)
-            modules = p.modules(layer, targets)
-            for t in targets:
-                rank = ranks[t.key]
-                a, b, bias = factorize(p.method, modules[t.name], stats.get(t.name), rank, alpha).truncate(rank)
-                new = LowRankLinear.from_factors(a, b, bias, dtype=p.dtype)
-                originals[t.key] = set_submodule(layer, t.name, new)
-                new_modules.append(new)
-            del stats
-            if p.runner is not None:
-                p.runner.propagate(layer, i)
-        for module in new_modules:  # the rest of the layer went back to the CPU with Resident
-            module.to("cpu")
-        seconds = time.perf_counter() - t0
-        entry = _layer_report(i, linears, p.by_layer.get(i, []), ranks, seconds)
-        report.append(entry)
-        p.emit(LayerDone(stage=p.stage, layer=i, total=len(layers), sparsity=1 - entry["retained"],
-                         target=1 - target_retention, seconds=seconds, modules=entry["modules"]))
+        for t in targets(i):
+            rank = ranks[t.key]
+            a, b, bias = p.factorize(linears[t.name], stats, t.name, rank).truncate(rank)
+            originals[t.key] = set_submodule(layer, t.name, LowRankLinear.from_factors(a, b, bias, dtype=p.dtype))
+        entry = _layer_report(i, linears, p.by_layer.get(i, []), ranks)
+        entry.update(sparsity=1 - entry["retained"], target=1 - target_retention, value=entry["retained"])
+        return entry
+
+    report = p.sweep.run(replace, p.watch(targets), data=p.data)
+    for entry in report:  # what the LayerDone events carried; the report keeps the retained fraction
+        for key in ("sparsity", "target", "value"):
+            entry.pop(key)
     return originals, report
 
 
-def _layer_report(index: int, linears: dict, targets: list[Target], ranks: dict[str, int], seconds: float) -> dict:
+def _layer_report(index: int, linears: dict, targets: list[Target], ranks: dict[str, int]) -> dict:
     """Per linear of one layer (``linears``: before replacement): shape, rank (None: dense), parameters kept."""
     by_name = {t.name: t for t in targets}
     modules, kept, total = {}, 0, 0
@@ -164,7 +133,7 @@ def _layer_report(index: int, linears: dict, targets: list[Target], ranks: dict[
             full = now = dense_params(shape[0], shape[1], getattr(module, "bias", None) is not None)
         modules[name] = {"shape": shape, "rank": rank or None, "params": now, "dense_params": full, "retained": now / full}
         kept, total = kept + now, total + full
-    return {"layer": index, "retained": kept / total, "seconds": seconds, "modules": modules}
+    return {"layer": index, "retained": kept / total, "modules": modules}
 
 
 def restore(adapter, originals: dict[str, torch.nn.Module]) -> None:
@@ -189,15 +158,8 @@ def save_factors(path: Path, factors: dict[str, Factorization], fingerprint: dic
             value = getattr(fac, field)
             if value is not None:
                 tensors[f"{key}::{field}"] = value.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)})
 
 
 def load_factors(path: Path, fingerprint: dict) -> dict[str, Factorization] | None:

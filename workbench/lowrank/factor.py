@@ -138,3 +138,22 @@ def feature_factorization(weight: torch.Tensor, bias: torch.Tensor | None, rank:
     shift = mu if bias is None else mu - bias.float()
     # b' = Q_r Q_r^T b + (I - Q_r Q_r^T) mu = mu - Q_r Q_r^T (mu - b)
     return Factorization(q, q.t() @ weight.float(), mu, -(q.t() @ shift), eigenvalues[order])
+
+
+# ---------------------------------------------------------------- the methods' entries (workbench.lowrank.family.METHODS)
+# fn(weight, bias, rank, stats, options) -> Factorization, where ``stats`` holds the statistics the method's
+# row asks for, by name, and ``options`` the step's settings.
+
+
+def svd_method(weight, bias, rank: int, stats: dict, options: dict) -> Factorization:
+    return svd_factorization(weight, bias, rank)
+
+
+def asvd_method(weight, bias, rank: int, stats: dict, options: dict) -> Factorization:
+    return asvd_factorization(weight, bias, rank, stats["abs_mean"], options["asvd_alpha"])
+
+
+def feature_method(weight, bias, rank: int, stats: dict, options: dict) -> Factorization:
+    covariance, mean = stats["covariance"]
+    return feature_factorization(weight, bias, rank, covariance, mean)
+

@@ -20,7 +20,7 @@ import copy
 import torch
 from torch import nn
 
-from workbench.models import _linear_types, weight_matrix
+from workbench.models import linear_types, weight_matrix
 
 from .modules import LowRankLinear, set_submodule
 
@@ -71,7 +71,7 @@ def merge_lowrank(model: nn.Module) -> dict:
         set_submodule(model, name, plain)
     # linears the switched-on flags gave a bias (value projections, linears left dense): zero biases
     for name, module in model.named_modules():
-        if isinstance(module, _linear_types()) and module.bias is None and _has_bias(skeleton, name):
+        if isinstance(module, linear_types()) and module.bias is None and _has_bias(skeleton, name):
             out_features = weight_matrix(module).shape[0]
             module.bias = nn.Parameter(torch.zeros(out_features, dtype=module.weight.dtype, device=module.weight.device),
                                        requires_grad=False)

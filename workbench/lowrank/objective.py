@@ -24,9 +24,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from workbench import corpora
-from workbench.errors import Cancelled, UserError
-from workbench.layerwise import Captured, LayerRunner, Resident, capture_inputs
+from workbench.data import corpora
+from workbench.errors import CANCEL_HINT, UserError
+from workbench.layerwise import Captured, Resident, capture_inputs
+from workbench.sweep import LayerSweep
 from workbench.perplexity import C4_EVAL_DOCUMENTS, _window_losses
 
 from .modules import swapped
@@ -69,23 +70,22 @@ Replacements = Callable[[int], dict]  # decoder layer index -> {linear name in t
 class Objective:
     """Measures ``perplexity + kl_weight * KL`` of the model with some linears swapped for factorized ones."""
 
-    def __init__(self, loaded, tokens: torch.Tensor, kl_weight: float, batch_size: int = 8, cancel=None):
+    def __init__(self, loaded, tokens: torch.Tensor, kl_weight: float, batch_size: int = 8, cancel=None,
+                 cancel_hint: str = CANCEL_HINT):
         self.adapter = loaded.adapter
         self.device = torch.device(loaded.device)
         self.kl_weight = kl_weight
         self.cancel = cancel
+        self.cancel_hint = cancel_hint
         self.inputs = capture_inputs(self.adapter, tokens, self.device, batch_size, self.device)
         self.targets = [batch[:, 1:].to(self.device) for batch in torch.split(tokens, batch_size)]
         self.dense_logp = [F.log_softmax(logits.float(), -1) for logits in self._logits(None)]
 
     def _logits(self, replacements: Replacements | None) -> list[torch.Tensor]:
         captured = Captured(hidden=list(self.inputs.hidden), layer_args=self.inputs.layer_args)
-        runner = LayerRunner(self.adapter, captured, self.device, self.device)
-        for i, layer in enumerate(self.adapter.layers):
-            if self.cancel is not None and self.cancel():
-                raise Cancelled("the run was cancelled", "finished trials are kept in the study; resume with workbench search --resume RUN")
-            with Resident(layer, self.device), swapped(layer, replacements(i) if replacements else {}):
-                runner.propagate(layer, i)
+        sweep = LayerSweep(self.adapter, device=self.device, store=self.device, cancel=self.cancel, captured=captured,
+                           cancel_hint=self.cancel_hint)
+        sweep.run(dense=True, within=(lambda i, layer: swapped(layer, replacements(i))) if replacements else None)
         with ExitStack() as stack:
             for module in [*self.adapter.post_layer_modules(), self.adapter.lm_head]:
                 stack.enter_context(Resident(module, self.device))

@@ -30,7 +30,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-from workbench.errors import Cancelled, RunError, UserError
+from workbench.errors import RunError, UserError, check_cancel
 from workbench.events import Progress, Trial
 
 STUDY_SPACE_ATTR = "workbench_space"  # the search space a study was created with
@@ -72,6 +72,25 @@ def database_url(storage: str) -> str:
     return storage
 
 
+# the driver SQLAlchemy uses for each scheme when the URL names none, and its package
+_DRIVERS = {
+    "postgresql": "pip install psycopg2-binary (PostgreSQL)",
+    "mysql": "pip install mysqlclient (MySQL; or name another driver: mysql+pymysql:// with pip install pymysql)",
+    "mariadb": "pip install mysqlclient (MariaDB; or mariadb+pymysql:// with pip install pymysql)",
+    "oracle": "pip install oracledb (Oracle)",
+    "mssql": "pip install pyodbc (SQL Server)",
+}
+
+
+def driver_hint(storage: str) -> str:
+    """How to install the database driver for a storage URL's scheme (``mysql+pymysql://`` names its own)."""
+    scheme = storage.split("://", 1)[0].lower()
+    dialect, _, driver = scheme.partition("+")
+    if driver:
+        return f"pip install {driver} (the driver {scheme}:// names)"
+    return _DRIVERS.get(dialect, f"install the SQLAlchemy driver for {dialect}:// databases")
+
+
 def open_storage(storage: str, heartbeat: int = 60):
     """The Optuna storage for a database URL (RDB, with heartbeats) or a journal file path; UserError when unreachable."""
     optuna = quiet_optuna()
@@ -94,7 +113,7 @@ def open_storage(storage: str, heartbeat: int = 60):
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
     except ImportError as exc:
         raise UserError(f"the database driver for {redact(storage)} is not installed ({exc})",
-                        "pip install psycopg2-binary (PostgreSQL), or use the default journal file") from None
+                        f"{driver_hint(storage)}, or use the default journal file") from None
     except Exception as exc:  # sqlalchemy's OperationalError, ArgumentError...: the database cannot be used
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot reach the study storage {redact(storage)}: {first}",
@@ -273,7 +292,8 @@ def recover_orphans(study, include_unowned: bool = False) -> list[int]:
     return recovered
 
 
-def run_trials(study, func, trials: int, cancel: Callable[[], bool] | None = None, after: Callable[[], None] | None = None) -> None:
+def run_trials(study, func, trials: int, cancel: Callable[[], bool] | None = None, after: Callable[[], None] | None = None,
+               cancel_hint: str = "finished trials are kept in the study; resume with: workbench search --resume RUN") -> None:
     """Run trials in this process until the study holds ``trials`` complete ones.
 
     A trial starts only while complete plus running trials (of every process)
@@ -285,8 +305,7 @@ def run_trials(study, func, trials: int, cancel: Callable[[], bool] | None = Non
 
     optuna = quiet_optuna()
     while True:
-        if cancel is not None and cancel():
-            raise Cancelled("the search was cancelled", "finished trials are kept in the study; resume with workbench search --resume RUN")
+        check_cancel(cancel, cancel_hint)
         optuna.storages.fail_stale_trials(study)
         states = trial_states(study)
         if states["COMPLETE"] >= trials:

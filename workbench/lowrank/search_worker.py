@@ -43,6 +43,7 @@ def run_worker(config: dict, index: int) -> None:
     from . import search as S
     from .allocation import Budget, search_space
     from .compress import load_factors
+    from .family import METHODS
     from .objective import Objective, objective_tokens
 
     from transformers.utils import logging as hf_logging
@@ -59,7 +60,7 @@ def run_worker(config: dict, index: int) -> None:
     if factors is None:
         raise UserError(f"the factors in {config['factors']} are missing or belong to other settings",
                         "start the search again from its run (workbench search --resume RUN)")
-    budget = Budget.of(loaded.adapter, pair_bias=step.method == "feature")
+    budget = Budget.of(loaded.adapter, pair_bias=METHODS[step.method].pair_bias)
     space = search_space(budget, step.space, step.ratio_min, step.ratio_max)
     tokens = objective_tokens(step.objective_data, loaded.tokenizer, step.objective_chunks, step.objective_seqlen)
     with torch.no_grad():

@@ -26,32 +26,38 @@ from pathlib import Path
 
 import torch
 
-from workbench.errors import Cancelled, RunError
+from workbench.errors import RunError, check_cancel
 from workbench.events import Log, WarningEvent
 
 from . import search as S
 from .allocation import Budget, energy_ranks, search_space, uniform_ranks
 from .compress import LayerPass, apply_sequential, dense_factorizations, load_factors, restore, save_factors
+from .family import METHODS
 from .modules import structure_entry
+
+
+def resume_hint(run_id: str) -> str:
+    return f"finished trials are kept in the study; resume with: workbench search --resume {run_id}"
 
 
 class LowRankRun:
     """One low-rank step of a run: the pieces shared by its stages."""
 
-    def __init__(self, run, index: int, step):
-        self.run = run
-        self.index = index
+    def __init__(self, ctx, step):
+        self.ctx = ctx
+        self.index = ctx.index
         self.step = step
-        self.loaded = run.loaded
-        self.stage = f"lowrank:{index}"
-        self.budget = Budget.of(self.loaded.adapter, pair_bias=step.method == "feature")
+        self.loaded = ctx.loaded
+        self.stage = f"lowrank:{ctx.index}"
+        self.budget = Budget.of(self.loaded.adapter, pair_bias=METHODS[step.method].pair_bias)
         self.objective = None
         self.layers: list[dict] = []  # the per-layer report of the applied allocation
 
     def layer_pass(self, stage: str) -> LayerPass:
-        c = self.run.spec.calibration
-        return LayerPass(self.loaded, self.run.tokens, self.budget, self.step.method, batch_size=c.batch_size,
-                         offload=c.offload_activations, emit=self.run.emit, stage=stage, cancel=self.run.cancel)
+        c = self.ctx.spec.calibration
+        return LayerPass(self.loaded, self.ctx.tokens, self.budget, self.step.method, batch_size=c.batch_size,
+                         options={"asvd_alpha": self.step.asvd_alpha},
+                         offload=c.offload_activations, emit=self.ctx.emit, stage=stage, cancel=self.ctx.cancel)
 
     # ------------------------------------------------------------ fingerprints
     def factors_fingerprint(self) -> dict:
@@ -61,9 +67,9 @@ class LowRankRun:
 
         from workbench import __version__
 
-        tokens = self.run.tokens.contiguous()
+        tokens = self.ctx.tokens.contiguous()
         calibration = {"shape": list(tokens.shape), "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
-        return {"model": self.run.spec.model.name, "dtype": str(self.loaded.dtype), "calibration": calibration,
+        return {"model": self.ctx.spec.model.name, "dtype": str(self.loaded.dtype), "calibration": calibration,
                 "method": self.step.method, "asvd_alpha": self.step.asvd_alpha, "workbench": __version__}
 
     def study_setup(self, space) -> dict:
@@ -78,20 +84,20 @@ class LowRankRun:
         path = folder / f"factors-{S.setup_hash(fingerprint)}.safetensors" if folder else None
         factors = load_factors(path, fingerprint) if path else None
         if factors is not None:
-            self.run.emit(Log(message=f"reusing the factors of an earlier search: {path}"))
+            self.ctx.emit(Log(message=f"reusing the factors of an earlier search: {path}"))
             return factors
         name = f"{self.stage}:statistics"
         layers = len(self.loaded.adapter.layers)
-        with self.run.stage(name, f"Low-rank statistics and factorizations ({self.step.method})", total=layers):
-            factors = dense_factorizations(self.layer_pass(name), self.step.asvd_alpha)
+        with self.ctx.stage(name, f"Low-rank statistics and factorizations ({self.step.method})", total=layers):
+            factors = dense_factorizations(self.layer_pass(name))
         if path:
             save_factors(path, factors, fingerprint)
         return factors
 
     def apply(self, ranks: dict[str, int], title: str):
         name = f"{self.stage}:apply"
-        with self.run.stage(name, title, total=len(self.loaded.adapter.layers)):
-            return apply_sequential(self.layer_pass(name), ranks, self.step.asvd_alpha, self.step.retention)
+        with self.ctx.stage(name, title, total=len(self.loaded.adapter.layers)):
+            return apply_sequential(self.layer_pass(name), ranks, self.step.retention)
 
     def build_objective(self):
         from .objective import Objective, objective_tokens
@@ -99,7 +105,8 @@ class LowRankRun:
         if self.objective is None:
             s = self.step
             tokens = objective_tokens(s.objective_data, self.loaded.tokenizer, s.objective_chunks, s.objective_seqlen)
-            self.objective = Objective(self.loaded, tokens, s.kl_weight, self.run.spec.calibration.batch_size, self.run.cancel)
+            self.objective = Objective(self.loaded, tokens, s.kl_weight, self.ctx.spec.calibration.batch_size, self.ctx.cancel,
+                                       resume_hint(self.ctx.run_id))
         return self.objective
 
     # ------------------------------------------------------------ search
@@ -107,34 +114,34 @@ class LowRankRun:
         storage = self.step.storage
         if storage and "://" not in storage:
             return Path(storage).expanduser().absolute().parent
-        return Path(self.run.run_dir) / "search"
+        return Path(self.ctx.run_dir) / "search"
 
     def open_search(self) -> dict:
         """Open (create, join or resume) the study before any work, so a bad storage fails fast."""
-        step, run = self.step, self.run
+        step, ctx = self.step, self.ctx
         space = search_space(self.budget, step.space, step.ratio_min, step.ratio_max)
         floor = self.budget.ranks_for(lambda t: step.ratio_min)
         self.budget.check_reachable(step.retention, floor, f"every ratio at ratio_min = {step.ratio_min}")
         folder = self.search_folder()
         storage_url = step.storage or str(folder / "study.journal")
         setup = self.study_setup(space)
-        name = step.study or f"{run.spec.name}-{self.index}-{S.setup_hash(setup)}"
+        name = step.study or f"{ctx.spec.name}-{self.index}-{S.setup_hash(setup)}"
         study = S.open_study(S.open_storage(storage_url, step.heartbeat), name, space.signature(), setup, step.sampler, step.seed)
-        marker = Path(run.run_dir) / "search" / "study.json"  # where this run's study is: read by --resume
+        marker = Path(ctx.run_dir) / "search" / "study.json"  # where this run's study is: read by --resume
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"storage": storage_url, "study": name}, indent=2) + "\n")
-        run.emit(Log(message=f"study {name!r} in {S.redact(storage_url)}; "
+        ctx.emit(Log(message=f"study {name!r} in {S.redact(storage_url)}; "
                              f"watch it with: optuna-dashboard {S.redact(S.database_url(storage_url))}"))
         S.recover_orphans(study, include_unowned="://" not in storage_url)
         return {"space": space, "folder": folder, "storage": storage_url, "name": name, "study": study}
 
     def search(self, opened: dict, factors: dict) -> tuple[dict, dict]:
         """Run the study's remaining trials; apply its best allocation(s); return the ranks and the search report."""
-        step, run = self.step, self.run
+        step, ctx = self.step, self.ctx
         study, space = opened["study"], opened["space"]
         stage = f"{self.stage}:search"
-        reporter = S.TrialReporter(study, run.emit, stage, step.trials)
-        with run.stage(stage, f"Rank search: {step.trials} trials ({step.sampler}, {step.space} space)", total=step.trials):
+        reporter = S.TrialReporter(study, ctx.emit, stage, step.trials)
+        with ctx.stage(stage, f"Rank search: {step.trials} trials ({step.sampler}, {step.space} space)", total=step.trials):
             reporter.poll()  # the finished trials of a resumed or shared study
             if step.workers == 1:
                 setup = S.SearchSetup(self.budget, space, factors, self.build_objective(), step.retention, step.slack,
@@ -144,7 +151,7 @@ class LowRankRun:
                     S.recover_orphans(study)
                     reporter.poll()
 
-                S.run_trials(study, setup.trial_function(S.worker_id()), step.trials, run.cancel, after)
+                S.run_trials(study, setup.trial_function(S.worker_id()), step.trials, ctx.cancel, after, resume_hint(ctx.run_id))
             else:
                 self.run_workers(opened, factors, reporter)
             reporter.poll()
@@ -179,7 +186,7 @@ class LowRankRun:
             scored.append({"number": trial.number, "search_objective": trial.value, "sequential_objective": measured["objective"],
                            "perplexity": measured["perplexity"], "kl": measured["kl"], "ratios": trial.user_attrs["ratios"],
                            "ranks": ranks, "layers": layers, "originals": originals})
-            self.run.emit(Log(message=f"trial {trial.number}: objective {trial.value:.4f} from dense statistics, "
+            self.ctx.emit(Log(message=f"trial {trial.number}: objective {trial.value:.4f} from dense statistics, "
                                       f"{measured['objective']:.4f} applied sequentially"))
             if position < len(finalists) - 1:
                 restore(self.loaded.adapter, originals)
@@ -197,17 +204,17 @@ class LowRankRun:
 
     def run_workers(self, opened: dict, factors: dict, reporter) -> None:
         """Run the trials in ``workers`` subprocesses (one GPU each where there are GPUs) and relay their trials."""
-        step, run = self.step, self.run
+        step, ctx = self.step, self.ctx
         folder, study = opened["folder"], opened["study"]
         fingerprint = self.factors_fingerprint()
         factors_path = folder / f"factors-{S.setup_hash(fingerprint)}.safetensors"
         if not factors_path.is_file():
             save_factors(factors_path, factors, fingerprint)
         device = torch.device(self.loaded.device)
-        config = {"spec": run.spec.to_dict(), "step": self.index, "storage": opened["storage"], "study": opened["name"],
+        config = {"spec": ctx.spec.to_dict(), "step": self.index, "storage": opened["storage"], "study": opened["name"],
                   "factors": str(factors_path), "fingerprint": fingerprint, "device": device.type,
-                  "batch_size": run.spec.calibration.batch_size}
-        config_path = folder / f"workers-{run.run_id}.json"
+                  "batch_size": ctx.spec.calibration.batch_size}
+        config_path = folder / f"workers-{ctx.run_id}.json"
         config_path.write_text(json.dumps(config, default=str))
         gpus = [str(i) for i in range(torch.cuda.device_count())] if device.type == "cuda" else []
         threads = max(1, (os.cpu_count() or 1) // step.workers)
@@ -216,23 +223,22 @@ class LowRankRun:
             env = dict(os.environ, WORKBENCH_WORKER_THREADS=str(threads))
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-            log = open(folder / f"worker-{run.run_id}-{i}.log", "wb")
+            log = open(folder / f"worker-{ctx.run_id}-{i}.log", "wb")
             procs.append((subprocess.Popen([sys.executable, "-m", "workbench.lowrank.search_worker", str(config_path), str(i)],
                                            stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        run.emit(Log(message=f"{step.workers} search workers started" + (f" on GPUs {', '.join(gpus)}" if gpus else "")))
+        ctx.emit(Log(message=f"{step.workers} search workers started" + (f" on GPUs {', '.join(gpus)}" if gpus else "")))
         try:
             while True:
-                if run.cancel is not None and run.cancel():
-                    raise Cancelled("the search was cancelled", "finished trials are kept in the study; resume with workbench search --resume RUN")
+                check_cancel(ctx.cancel, resume_hint(ctx.run_id))
                 S.recover_orphans(study)
                 reporter.poll()
                 if S.trial_states(study)["COMPLETE"] >= step.trials:
                     break
                 if all(p.poll() is not None for p, _ in procs):
-                    tail = (folder / f"worker-{run.run_id}-0.log").read_text(errors="replace").strip().splitlines()[-3:]
+                    tail = (folder / f"worker-{ctx.run_id}-0.log").read_text(errors="replace").strip().splitlines()[-3:]
                     raise RunError(f"all {step.workers} search workers stopped before the study finished: {' | '.join(tail)}",
                                    f"finished trials are kept in the study; the logs are in {folder}; "
-                                   "fix the cause and resume with workbench search --resume RUN")
+                                   f"fix the cause and resume with workbench search --resume {ctx.run_id}")
                 time.sleep(S.POLL_SECONDS)
         finally:
             _stop(procs, graceful=sys.exc_info()[0] is None)
@@ -277,10 +283,10 @@ def kendall_tau(a: list[float], b: list[float]) -> float | None:
     return score / (n * (n - 1) / 2)
 
 
-def run_step(run, index: int, step) -> dict:
-    """The engine's runner for ``type = "lowrank"`` steps (see ``workbench.engine.STEP_RUNNERS``)."""
+def run_step(ctx, step) -> dict:
+    """The engine's runner for ``type = "lowrank"`` steps (``workbench.registry``)."""
     t0 = time.perf_counter()
-    job = LowRankRun(run, index, step)
+    job = LowRankRun(ctx, step)
     budget = job.budget
     report: dict = {"type": "lowrank", "label": step.label(), "method": step.method, "allocation": step.allocation,
                     "retention": step.retention}
@@ -301,16 +307,16 @@ def run_step(run, index: int, step) -> dict:
     retained = budget.retained(ranks)
     report.update({"retained": retained, "params": {"dense": budget.total, "after": budget.params(ranks)},
                    "ranks": {k: r for k, r in ranks.items() if r}, "layers": job.layers})
-    model = run.loaded.model
+    model = ctx.loaded.model
     if step.merge:
         from .merge import merge_lowrank
 
         report["merge"] = merged = merge_lowrank(model)
         if merged["dropped_bias"]:
-            run.emit(WarningEvent(message=f"{len(merged['dropped_bias'])} merged linears lose their bias correction: "
+            ctx.emit(WarningEvent(message=f"{len(merged['dropped_bias'])} merged linears lose their bias correction: "
                                           f"{merged['lost']}"))
     elif report["ranks"]:
-        run.structure.append(_structure(run.loaded.adapter, budget, ranks))
+        ctx.record_structure(_structure(ctx.loaded.adapter, budget, ranks))
     headline = {"retained": f"{retained:.2%} of the decoder's linear parameters ({budget.params(ranks):,} of {budget.total:,})"}
     if search_report:
         best = search_report["best"]
@@ -322,5 +328,5 @@ def run_step(run, index: int, step) -> dict:
         headline["energy kept"] = f"{report['energy']:.4f}"
     report["headline"] = headline
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    run.emit(Log(message=f"{step.label()}: {headline['retained']}"))
+    ctx.emit(Log(message=f"{step.label()}: {headline['retained']}"))
     return report

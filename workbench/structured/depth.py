@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.errors import UserError
-from workbench.layerwise import LayerRunner, Resident, capture_inputs
-from workbench.pruner import _check_cancel
+from workbench.sweep import LayerSweep
 
 # Config entries with one value per decoder layer, in layer order.
 PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
@@ -74,24 +73,21 @@ def residual_similarity(adapter, tokens: torch.Tensor, device, span: int = 1, ba
     norm). One layer-by-layer pass over the calibration tokens; ``span + 1``
     sets of activations are kept at a time.
     """
-    device = torch.device(device)
-    store = torch.device(store) if store is not None else device
-    captured = capture_inputs(adapter, tokens, device, batch_size, store)
-    runner = LayerRunner(adapter, captured, device, store)
-    window: deque[list[torch.Tensor]] = deque([list(captured.hidden)], maxlen=span + 1)
+    sweep = LayerSweep(adapter, tokens, device, batch_size=batch_size, store=store, cancel=cancel)
+    window: deque[list[torch.Tensor]] = deque([list(sweep.hidden)], maxlen=span + 1)
     cosines, angles = [], []
     total = len(adapter.layers)
-    for i, layer in enumerate(adapter.layers):
-        _check_cancel(cancel)
-        with Resident(layer, device):  # scoring only: nothing to write back
-            runner.propagate(layer, i)
-        window.append(list(captured.hidden))
+
+    def compare(layer, i, stats) -> None:
+        window.append(list(sweep.hidden))  # layer i's outputs
         if len(window) == span + 1:
-            cos, angle = _mean_cos_and_angle(window[0], window[-1], device)
+            cos, angle = _mean_cos_and_angle(window[0], window[-1], sweep.device)
             cosines.append(cos)
             angles.append(angle)
         if progress is not None:
             progress(i + 1, total)
+
+    sweep.run(compare, dense=True)  # scoring only: nothing is written back
     return cosines, angles
 
 

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from workbench.errors import UserError
+from workbench.observers import InputMoments
 
 from .layout import add_zero_bias, resize_linear, slice_linear
 
@@ -86,57 +87,6 @@ def set_layer_widths(layer, geom: Geometry) -> None:
 
 
 # ------------------------------------------------------------------ statistics
-
-
-class InputMoments:
-    """Sums over the calibration tokens of one linear's input: per channel, and per-head Gram matrices."""
-
-    def __init__(self, features: int, device, heads: int = 0):
-        self.tokens = 0
-        self.total = torch.zeros(features, dtype=torch.float64, device=device)
-        self.squares = torch.zeros(features, dtype=torch.float64, device=device)
-        self.gram = torch.zeros(heads, features // heads, features // heads, device=device) if heads else None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.tokens += x.shape[0]
-        self.total += x.sum(0).double()
-        self.squares += x.pow(2).sum(0).double()
-        if self.gram is not None:
-            per_head = x.view(x.shape[0], self.gram.shape[0], -1)
-            self.gram += torch.einsum("thd,the->hde", per_head, per_head)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return (self.total / self.tokens).float()
-
-    @property
-    def variance(self) -> torch.Tensor:
-        return (self.squares / self.tokens - (self.total / self.tokens) ** 2).clamp_min(0).float()
-
-    @property
-    def norm(self) -> torch.Tensor:
-        return self.squares.sqrt().float()
-
-
-def collect_moments(runner, layer, index: int, heads: int, gram: bool) -> tuple[InputMoments, InputMoments]:
-    """Moments of the inputs of ``down_proj`` (channel activations) and ``o_proj`` (head outputs) of one resident layer.
-
-    ``LayerRunner.collect`` runs the batches and stops each as soon as both
-    projections have seen their inputs; the hooks here read those inputs.
-    """
-    down, o_proj = layer.mlp.down_proj, layer.self_attn.o_proj
-    mlp = InputMoments(down.in_features, runner.device)
-    attn = InputMoments(o_proj.in_features, runner.device, heads if gram else 0)
-    handles = [down.register_forward_pre_hook(lambda m, inputs: mlp.add(inputs[0])),
-               o_proj.register_forward_pre_hook(lambda m, inputs: attn.add(inputs[0]))]
-    try:
-        runner.collect(layer, index, {"mlp.down_proj": down, "self_attn.o_proj": o_proj}, hessian=False, sq_norm=False,
-                       weight_shape=lambda m: tuple(m.weight.shape))
-    finally:
-        for h in handles:
-            h.remove()
-    return mlp, attn
 
 
 # ------------------------------------------------------------------ scores

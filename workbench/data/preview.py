@@ -16,9 +16,8 @@ JSON dict:
 - ``samples``: the decoded text of the first ``SHOW`` windows,
   ``[{"window", "text", "truncated"}]``, each cut at ``CHARS`` characters.
 
-``fake_preview`` answers the same job for ``workbench worker --fake``
-without torch, from fixed formulas (see its docstring). The worker imports
-this module only when a preview job runs.
+``workbench.backends.fake`` answers the same job without torch, from fixed
+formulas.
 """
 
 from __future__ import annotations
@@ -27,8 +26,17 @@ import time
 from contextlib import contextmanager
 from typing import Callable
 
+import torch
+
 from workbench.errors import Cancelled
-from workbench.events import Emit, Progress, StageFinished, StageStarted
+from workbench.events import Emit, Progress, StageFinished, StageStarted, WarningEvent
+from workbench.history import cache_dir
+from workbench.models import load_spec_model
+
+from .sampling import calibration_data
+from .sources import SourceContext, describe_source
+from .summary import calibration_summary
+from .windows import window_length
 
 PREVIEW_WINDOWS = 8  # windows the dense perplexity reads: a bounded cost, whatever nsamples is
 SHOW = 3  # windows whose text is returned
@@ -53,19 +61,13 @@ def preview_calibration(spec, emit: Emit, cancel: Callable[[], bool] | None = No
     UserError for a source that cannot give the windows, Cancelled when
     ``cancel()`` turns true (between stages, and inside generation).
     """
-    import torch
-
-    from workbench.calibration import SourceContext, calibration_data, calibration_summary, describe_source
-    from workbench.engine import MAX_SEQLEN
-    from workbench.history import cache_dir
-    from workbench.models import load_model
-
     m, c = spec.model, spec.calibration
     if loaded is None:
         with _stage(emit, cancel, "load", f"Loading {m.name}"):
-            loaded = load_model(m.name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+            loaded = load_spec_model(m)
     tokenizer = loaded.tokenizer
-    seqlen = c.seqlen or min(MAX_SEQLEN, int(loaded.adapter.context_length or MAX_SEQLEN))
+    seqlen = window_length(c.seqlen, loaded.adapter.context_length, "calibration.seqlen",
+                           lambda message: emit(WarningEvent(message=message)))
     def progress(done: int, total: int, detail: str) -> None:  # selfgen's generation, sample by sample
         emit(Progress(stage="calibrate", done=done, total=total, detail=detail))
 
@@ -95,49 +97,4 @@ def preview_calibration(spec, emit: Emit, cancel: Callable[[], bool] | None = No
     }
 
 
-# The fake worker's answer: fixed data, so UI tests can assert on it.
-FAKE_SEQLEN = 512  # the fake model's context
-FAKE_DOCUMENTS = {"c4": 1000, "wikitext2": 1, "books": 2}  # other text sources: 100
-FAKE_DOCUMENT_TOKENS = 250_000
-FAKE_TOP = ((278, " the"), (29892, ","), (29889, "."), (310, " of"), (322, " and"))
-
-
-def fake_preview(spec, emit: Emit, delay: float = 0.0) -> dict:
-    """The preview of ``workbench worker --fake``: the layout of ``preview_calibration``, from formulas.
-
-    With ``seqlen = calibration.seqlen or 512`` and ``tokens = nsamples * seqlen``:
-    ``documents`` is ``FAKE_DOCUMENTS`` of the source's prefix (100 for other
-    text sources, None for ``random``), ``document_tokens`` 250,000 (None for
-    ``random``), ``distinct_tokens = min(tokens, 8256) // 2``, the i-th of the
-    ``FAKE_TOP`` tokens (i from 0) counts ``tokens // 2 ** (i + 4)``,
-    ``perplexity`` is the fake's dense perplexity of the source's prefix (30
-    wikitext2, 40 c4, else 50) on ``min(nsamples, 8)`` windows, and window i
-    of the first three reads ``"fake window i of SOURCE"``.
-    """
-    from workbench.calibration import describe_source
-
-    from .fake import dense_perplexity
-
-    c = spec.calibration
-    seqlen = c.seqlen or FAKE_SEQLEN
-    tokens = c.nsamples * seqlen
-    prefix = c.source.split(":")[0]
-    text = prefix != "random"
-    stages = (("load", f"Loading {spec.model.name}"),
-              ("calibrate", f"Calibration data: {c.nsamples} x {seqlen} tokens of {c.source}"))
-    for name, title in stages:
-        emit(StageStarted(stage=name, title=title))
-        time.sleep(delay)
-        emit(StageFinished(stage=name, seconds=delay))
-    return {
-        "source": c.source, "description": describe_source(c.source), "model": spec.model.name,
-        "nsamples": c.nsamples, "seqlen": seqlen, "seed": c.seed,
-        "documents": FAKE_DOCUMENTS.get(prefix, 100) if text else None,
-        "document_tokens": FAKE_DOCUMENT_TOKENS if text else None,
-        "windows": c.nsamples, "tokens": tokens, "distinct_tokens": min(tokens, 8256) // 2,
-        "top_tokens": [{"id": i, "text": t, "count": tokens // 2 ** (k + 4)} for k, (i, t) in enumerate(FAKE_TOP)],
-        "perplexity": dense_perplexity(prefix), "perplexity_windows": min(c.nsamples, PREVIEW_WINDOWS),
-        "samples": [{"window": i, "text": f"fake window {i} of {c.source}", "truncated": False}
-                    for i in range(min(SHOW, c.nsamples))],
-        "fake": True,
-    }
+__all__ = ["preview_calibration", "PREVIEW_WINDOWS"]

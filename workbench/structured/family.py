@@ -1,19 +1,22 @@
-"""Run-spec steps for structured compression (depth, width, vocabulary). No torch here.
+"""The structured family: ``depth``, ``width`` and ``vocab`` steps and their settings. No torch.
 
 Each step makes the model physically smaller: ``depth`` removes whole decoder
 layers, ``width`` removes MLP channels and attention heads, ``vocab`` removes
 rarely used tokens from the tokenizer, the embeddings and the LM head. The
-runners are in ``workbench.structured.step``. Checks that need the model (how
-many layers it has, its grouped-query layout, its tokenizer) run when the step
-starts, before any work, and raise the same kind of ``UserError``.
+runners are in ``workbench.structured.step``; what needs the model (how many
+layers it has, its grouped-query layout, its tokenizer) is checked right after
+loading (``workbench.structured.step.check``), before any step runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError
-from .spec import _choice, check_calibration_source, register_step
+from workbench.errors import UserError
+from workbench.registry import PlannedStage, StepType, register
+from workbench.spec.checks import choice, fraction as _fraction, one_of as _one_of
+from workbench.spec.fields import setting
+from workbench.spec.validate import check_calibration_source
 
 DEPTH_CRITERIA = ("block_influence", "angular", "perplexity", "last", "random")
 DEPTH_SELECTIONS = ("lowest", "middle")
@@ -23,26 +26,18 @@ WIDTH_ALLOCATIONS = ("uniform", "global")
 BYTE_ALPHABET = 256
 
 
-def _fraction(key: str, value: float, hint: str) -> None:
-    if not (0.0 < value < 1.0):
-        raise UserError(f"{key} = {value} is outside (0, 1)", hint)
-
-
-def _one_of(where: str, count_key: str, count, fraction_key: str, fraction) -> None:
-    if (count is None) == (fraction is None):
-        raise UserError(f"{where}: set exactly one of {count_key} and {fraction_key}",
-                        f"for example {count_key} = 2, or {fraction_key} = 0.25")
-
-
 @dataclass
 class DepthStep:
     """Remove whole decoder layers (ShortGPT, OpenBA-V2, "The Unreasonable Ineffectiveness of the Deeper Layers")."""
 
-    remove: int | None = None  # how many decoder layers to remove
-    fraction: float | None = None  # or this fraction of the layers (rounded to the nearest count)
-    criterion: str = "block_influence"  # see DEPTH_CRITERIA
-    selection: str = "lowest"  # lowest: the least important layers; middle: non-adjacent layers, never the first or last
-    seed: int = 0  # criterion = "random"
+    remove: int | None = setting(None, help="how many decoder layers to remove")
+    fraction: float | None = setting(None, help="or this fraction of the layers (rounded to the nearest count)")
+    criterion: str = setting("block_influence", choices=DEPTH_CRITERIA,
+                             help="block_influence: 1 - cos(input, output); angular: n consecutive layers; "
+                                  "perplexity: exact, costly; last; random")
+    selection: str = setting("lowest", choices=DEPTH_SELECTIONS,
+                             help="lowest: the least important layers; middle: non-adjacent layers, never the first or last")
+    seed: int = setting(0, when=("criterion", ("random",)), help='criterion = "random"')
     type: str = "depth"
 
     def label(self) -> str:
@@ -56,8 +51,8 @@ class DepthStep:
             raise UserError(f"{where}.remove = {self.remove} must be at least 1", "give the number of decoder layers to remove")
         if self.fraction is not None:
             _fraction(f"{where}.fraction", self.fraction, "a fraction of 1 or more removes every layer; ShortGPT removes about 0.25")
-        _choice(f"{where}.criterion", self.criterion, DEPTH_CRITERIA)
-        _choice(f"{where}.selection", self.selection, DEPTH_SELECTIONS)
+        choice(f"{where}.criterion", self.criterion, DEPTH_CRITERIA)
+        choice(f"{where}.selection", self.selection, DEPTH_SELECTIONS)
         if self.criterion == "angular" and self.selection == "middle":
             raise UserError(f"{where}: criterion 'angular' removes one block of consecutive layers, so selection 'middle' does not apply",
                             "use selection = \"lowest\" with angular, or criterion = \"block_influence\" with middle")
@@ -70,13 +65,15 @@ class DepthStep:
 class WidthStep:
     """Remove MLP channels and attention heads (FLAP, Wanda-sp, Sheared-LLaMA's random baseline)."""
 
-    mlp_width: float = 1.0  # fraction of each MLP's intermediate channels kept, in (0, 1]
-    attention_width: float = 1.0  # fraction of attention heads kept, rounded to whole key/value groups
-    attention_heads: int | None = None  # or the exact number of query heads kept (whole key/value groups)
-    method: str = "activation"  # see WIDTH_METHODS
-    bias_compensation: bool = False  # add the removed units' mean output back as a bias (FLAP)
-    allocation: str = "uniform"  # uniform: one width for every layer; global: per-layer widths (FLAP's adaptive structure)
-    seed: int = 0  # method = "random"
+    mlp_width: float = setting(1.0, help="fraction of each MLP's intermediate channels kept, in (0, 1]")
+    attention_width: float = setting(1.0, help="fraction of attention heads kept, rounded to whole key/value groups")
+    attention_heads: int | None = setting(None, help="or the exact number of query heads kept (whole key/value groups)")
+    method: str = setting("activation", choices=WIDTH_METHODS,
+                          help="random | magnitude | activation (Wanda-style) | flap (fluctuation)")
+    bias_compensation: bool = setting(False, help="add the removed units' mean output back as a bias (FLAP)")
+    allocation: str = setting("uniform", choices=WIDTH_ALLOCATIONS,
+                              help="uniform: one width for every layer; global: per-layer widths (FLAP's adaptive structure)")
+    seed: int = setting(0, when=("method", ("random",)), help='method = "random"')
     type: str = "width"
 
     def label(self) -> str:
@@ -106,8 +103,8 @@ class WidthStep:
         if self.mlp_width == 1.0 and self.attention_width == 1.0 and self.attention_heads is None:
             raise UserError(f"{where}: this width step removes nothing",
                             "set mlp_width or attention_width below 1, or attention_heads")
-        _choice(f"{where}.method", self.method, WIDTH_METHODS)
-        _choice(f"{where}.allocation", self.allocation, WIDTH_ALLOCATIONS)
+        choice(f"{where}.method", self.method, WIDTH_METHODS)
+        choice(f"{where}.allocation", self.allocation, WIDTH_ALLOCATIONS)
         if self.allocation == "global" and self.attention_heads is not None:
             raise UserError(f"{where}: attention_heads fixes every layer's head count, so allocation 'global' does not apply",
                             "use attention_width with allocation = \"global\"")
@@ -117,9 +114,10 @@ class WidthStep:
 class VocabStep:
     """Keep the most frequent tokens of a target corpus (OpenBA-V2's vocabulary pruning)."""
 
-    size: int | None = None  # tokens kept, special tokens and the byte alphabet included
-    fraction: float | None = None  # or this fraction of the tokenizer's vocabulary
-    source: str | None = None  # text corpus whose tokens are counted (c4, books, file:PATH...); None: the calibration samples
+    size: int | None = setting(None, help="tokens kept, special tokens and the byte alphabet included")
+    fraction: float | None = setting(None, help="or this fraction of the tokenizer's vocabulary")
+    source: str | None = setting(None, help="text corpus whose tokens are counted (c4, books, file:PATH...); "
+                                            "None: the calibration samples")
     type: str = "vocab"
 
     def label(self) -> str:
@@ -137,6 +135,26 @@ class VocabStep:
             check_calibration_source(self.source, f"{where}.source")
 
 
-register_step("depth", DepthStep)
-register_step("width", WidthStep)
-register_step("vocab", VocabStep)
+def _plan(kind: str):
+    def plan(step, index: int, layers: int) -> list[PlannedStage]:
+        quantity = "removed" if kind == "width" else None
+        return [PlannedStage(f"{kind}:{index}", step.label(), layers, quantity)]
+
+    return plan
+
+
+_RUNNER = "workbench.structured.step:run_step"
+_CHECK = "workbench.structured.step:check"
+register(StepType(name="depth", family="structured", spec=DepthStep, plan=_plan("depth"), runner=_RUNNER, check=_CHECK,
+                  fake="workbench.backends.fake.steps:structured",
+                  description="Remove whole decoder layers (ShortGPT, OpenBA-V2)."))
+register(StepType(name="width", family="structured", spec=WidthStep, plan=_plan("width"), runner=_RUNNER, check=_CHECK,
+                  fake="workbench.backends.fake.steps:structured",
+                  structures={"width": "workbench.structured.width:apply_structure"},
+                  description="Remove MLP channels and attention heads (FLAP, Wanda-sp)."))
+register(StepType(name="vocab", family="structured", spec=VocabStep, plan=_plan("vocab"), runner=_RUNNER, check=_CHECK,
+                  fake="workbench.backends.fake.steps:structured",
+                  description="Keep the most frequent tokens of a corpus (OpenBA-V2)."))
+
+__all__ = ["DepthStep", "WidthStep", "VocabStep", "DEPTH_CRITERIA", "DEPTH_SELECTIONS", "WIDTH_METHODS", "WIDTH_ALLOCATIONS",
+           "BYTE_ALPHABET"]

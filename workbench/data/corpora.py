@@ -1,7 +1,7 @@
 """Text corpora: the bundled WikiText-2, C4 and held-out books, local files, Hub datasets.
 
 Everything here returns plain strings (documents); tokenizing and sampling
-live in ``workbench.calibration`` and ``workbench.perplexity``. This module
+live in ``workbench.data.sampling`` and ``workbench.perplexity``. This module
 never imports torch, and imports ``datasets`` only when a CSV/Parquet file or
 a Hub dataset is read.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from workbench.errors import UserError
 
-DATA_DIR = Path(__file__).resolve().parent / "assets" / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "assets" / "data"
 
 WIKITEXT2_FILES = {"test": "wikitext2-test.raw", "valid": "wikitext2-valid.raw"}
 C4_FILES = {"train": "c4-train-1000.jsonl.gz", "validation": "c4-validation-2000.jsonl.gz"}
@@ -115,7 +115,7 @@ def books_documents(split: str = "calib") -> list[str]:
 # --------------------------------------------------------------------- files
 
 
-def _suffix(path: Path) -> tuple[str, bool]:
+def file_suffix(path: Path) -> tuple[str, bool]:
     """The format suffix of ``path`` and whether it is gzip-compressed."""
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
@@ -252,7 +252,7 @@ def file_documents(path: str | os.PathLike) -> list[str]:
     binary or non-UTF-8 file, an unknown extension, or a missing text field.
     """
     path = Path(path).expanduser()
-    suffix, compressed = _suffix(path)
+    suffix, compressed = file_suffix(path)
     if not path.exists():
         raise UserError(f"no such file: {path}", hint="check the path (relative paths start at the current directory)")
     if path.is_dir():

@@ -15,7 +15,7 @@ learned. The procedure (every number is a setting of ``[calibration.selfgen]``,
    left padding (pad = eos) and the KV cache, special tokens skipped.
 3. Filter: each sample's perplexity under the same model; the samples below
    the 80th percentile are kept (the worst 20% dropped).
-4. Use: ``workbench.calibration`` joins the kept texts and cuts random windows
+4. Use: ``workbench.data.sampling`` joins the kept texts and cuts random windows
    as for every other source (the ``selfgen`` source is registered there).
 
 The generated set is cached on disk, before filtering, under a hash of
@@ -40,10 +40,13 @@ from typing import Callable
 
 import torch
 
-from .calibration import _encode, atomic_write, source_fingerprint, text_documents, tokenizer_fingerprint
-from .errors import Cancelled, UserError
-from .evaluation.placement import placed
-from .spec import SelfGenSpec, validate_selfgen
+from workbench.errors import Cancelled, UserError
+from workbench.evaluation.placement import placed
+from workbench.files import atomic_write
+from workbench.spec import SelfGenSpec, validate_selfgen
+
+from .cache import source_fingerprint, tokenizer_fingerprint
+from .sampling import encode, text_documents
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ def _bos(tokenizer) -> list[int]:
     if bos is None:
         return []
     with_special = tokenizer("a", verbose=False)["input_ids"]
-    return [bos] if with_special and with_special[0] == bos and _encode(tokenizer, "a")[:1] != [bos] else []
+    return [bos] if with_special and with_special[0] == bos and encode(tokenizer, "a")[:1] != [bos] else []
 
 
 def pick_prompts(texts: list[str], tokenizer, count: int, k: int, seed: int, corpus: str = "the seed corpus") -> list[list[int]]:
@@ -115,7 +118,7 @@ def pick_prompts(texts: list[str], tokenizer, count: int, k: int, seed: int, cor
     bos = _bos(tokenizer)
     prompts: list[list[int]] = []
     for i in order:
-        ids = _encode(tokenizer, texts[i])
+        ids = encode(tokenizer, texts[i])
         if len(ids) >= k:
             prompts.append(bos + ids[:k])
             if len(prompts) == count:
@@ -374,7 +377,7 @@ def params_from(options, corpus: str = "") -> SelfGenSpec:
 
 
 def selfgen_source(arg, tokenizer, nsamples, seqlen, seed, model, context) -> list[str]:
-    """The ``selfgen[:CORPUS]`` calibration source: the kept texts (``workbench.calibration`` joins them and cuts windows)."""
+    """The ``selfgen[:CORPUS]`` calibration source: the kept texts (``workbench.data.sampling`` joins them and cuts windows)."""
     if model is None:
         raise UserError("the selfgen calibration source needs the model that generates the text", hint="pass model= to calibration_samples")
     params = params_from(context.options.get("selfgen"), arg)
