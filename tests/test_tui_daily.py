@@ -407,3 +407,18 @@ async def test_keys_typed_right_after_a_tab_key_go_to_the_new_tab():
         await wait_for(pilot, lambda: app.screen.query_one("#eval-tabs").active == "tab-run-settings", what="the tab")
         await pilot.pause(0.2)
         assert app.focused is not None and app.focused.id == "run-reference"  # name, then two tabs on
+
+
+@async_test
+async def test_a_died_run_shows_as_died_in_history_styled_as_a_failure():
+    spec = {"name": "gone", "steps": []}
+    with History() as history:
+        history.create_run("20250101-000000-die001", spec, name="gone", model="demo")
+        history.fail_run("20250101-000000-die001", "died", "its owning process is gone")
+    app = make_app(start_worker=False)
+    async with app.run_test(size=SMALL) as pilot:
+        screen = await _show(pilot, app, "history")
+        table = screen.query_one("#history-table")
+        await wait_for(pilot, lambda: table.row_count == 1, what="the run")
+        status = table.get_row_at(0)[2]
+        assert str(status) == "died" and "red" in str(status.style)
