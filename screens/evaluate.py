@@ -42,6 +42,7 @@ from workbench.errors import UserError, WorkbenchError
 from workbench.evaluation import report
 from workbench.evaluation.icl_data import DATASETS, MODES, RETRIEVERS
 from workbench.evaluation.zeroshot import BUNDLED_TASKS
+from workbench.files import is_export
 from workbench.spec import DTYPES, EVAL_DATASETS_BUILTIN, EvalSpec, ExportSpec, spec_from_dict
 
 from .base import WorkbenchScreen
@@ -462,7 +463,7 @@ class EvaluateScreen(WorkbenchScreen):
             return
         if any(isinstance(s, ConfirmModal) for s in self.app.screen_stack):
             return  # asked already (enter, then the focus leaving the field)
-        earlier = (path / "compression.json").is_file()
+        earlier = is_export(path)
         what = "an earlier workbench export" if earlier else "files that are not a workbench export"
         then = ("a run replaces it only with overwrite on" if earlier else "a run refuses to export there")
 
@@ -499,7 +500,7 @@ class EvaluateScreen(WorkbenchScreen):
         if not session.get("export.save", False):
             note.update("not exported: Evaluate cannot measure the compressed model later")
         elif path is not None and path.is_dir() and any(path.iterdir()):
-            earlier = (path / "compression.json").is_file()
+            earlier = is_export(path)
             note.update(f"{out} holds an earlier workbench export: " + (
                 "overwrite is on, it is replaced" if session.get("export.overwrite", False) else
                 "turn overwrite on to replace it") if earlier else f"{out} holds other files: the run refuses to export there")

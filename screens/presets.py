@@ -127,7 +127,7 @@ class PresetsScreen(WorkbenchScreen):
         preview = self.query_one("#preset-preview", Static)
         data = self.presets.get(name or "")
         loaded = name == self.app.session.preset and not self.app.session.edited
-        preview.border_title = f"Preset {name}" + (" (your setup is this preset)" if loaded else " (not loaded)") if name else ""
+        preview.border_title = f"Preset {name}" + (" (loaded: your setup)" if loaded else " (not loaded)") if name else ""
         if data is None:
             preview.update("")
             return

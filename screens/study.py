@@ -38,7 +38,7 @@ from .charts import CurveChart
 from .state import JobState
 from .widgets import ConfirmModal, human_seconds
 
-STATUS_STYLES = {"done": "green", "running": "bold yellow", "queued": "yellow", "failed": "bold red",
+STATUS_STYLES = {"done": "green", "running": "bold yellow", "queued": "yellow", "failed": "bold red", "died": "bold red",
                  "cancelled": "magenta", "to do": "", "?": "dim"}
 NOT_DONE = ("to do", "failed", "cancelled")  # what ``r`` submits
 RUN_WIDTH = 36  # the plan's last column: a run id, or the start of why it failed (the line below has it all)

@@ -248,7 +248,7 @@ async def test_export_and_evaluation_settings_are_edited_in_the_ui_and_the_kept_
         await wait_for(pilot, lambda: app.session.get("export.save") is True, what="export on")
         out = tmp_path / "kept"
         out.mkdir()
-        (out / "compression.json").write_text("{}")  # an earlier export there
+        (out / "compression.json").write_text('{"exported_by": "workbench", "files": ["compression.json"]}')  # an earlier export
         await type_into(pilot, "#run-out", str(out))
         await pilot.press("enter")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmModal), what="the question about the folder")
@@ -407,3 +407,18 @@ async def test_keys_typed_right_after_a_tab_key_go_to_the_new_tab():
         await wait_for(pilot, lambda: app.screen.query_one("#eval-tabs").active == "tab-run-settings", what="the tab")
         await pilot.pause(0.2)
         assert app.focused is not None and app.focused.id == "run-reference"  # name, then two tabs on
+
+
+@async_test
+async def test_a_died_run_shows_as_died_in_history_styled_as_a_failure():
+    spec = {"name": "gone", "steps": []}
+    with History() as history:
+        history.create_run("20250101-000000-die001", spec, name="gone", model="demo")
+        history.fail_run("20250101-000000-die001", "died", "its owning process is gone")
+    app = make_app(start_worker=False)
+    async with app.run_test(size=SMALL) as pilot:
+        screen = await _show(pilot, app, "history")
+        table = screen.query_one("#history-table")
+        await wait_for(pilot, lambda: table.row_count == 1, what="the run")
+        status = table.get_row_at(0)[2]
+        assert str(status) == "died" and "red" in str(status.style)

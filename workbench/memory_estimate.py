@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .data.windows import default_seqlen
 from .errors import UserError
+from .host import host_memory
 from .model_source import resolve_model_source
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -104,17 +105,6 @@ class Machine:
         total, free = host_memory()
         gpus = None if _has_nvidia_gpu() else []
         return cls(total, free, gpus)
-
-
-def host_memory() -> tuple[int, int]:
-    """(total, available) bytes of this machine's memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
-        return info["MemTotal"], info.get("MemAvailable", info.get("MemFree", 0))
-    except (OSError, KeyError, ValueError):
-        page = os.sysconf("SC_PAGE_SIZE")
-        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
 
 
 def _has_nvidia_gpu() -> bool:
