@@ -256,7 +256,7 @@ def _headless(spec, run_id: str, out_dir: str, execute, as_json: bool, quiet: bo
     console = Console(stderr=True)
 
     def notify(message: str) -> None:
-        console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)  # paths stay whole
 
     history = History(notify=notify)
     log = history.open_run(run_id, spec.to_dict(), name=spec.name, model=spec.model.name, out_dir=out_dir)

@@ -54,9 +54,9 @@ class ProgressDisplay:
         elif kind == "metric":
             p.console.print(f"  {metric_text(event.to_dict())}")
         elif kind == "warning":
-            p.console.print(f"[yellow]warning:[/] {event.message}")
+            p.console.print(f"[yellow]warning:[/] {event.message}", soft_wrap=True)  # a path in it stays whole
         elif kind == "log" and event.level in ("warning", "error"):
-            p.console.print(f"[yellow]{event.level}:[/] {event.message}")
+            p.console.print(f"[yellow]{event.level}:[/] {event.message}", soft_wrap=True)
 
 
 def metric_text(m: dict) -> str:
