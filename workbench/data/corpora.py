@@ -190,7 +190,8 @@ def _json_documents(path: Path, text: str, lines: bool) -> list[str]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})", hint="check the file, or use .jsonl for one object per line") from exc
+        raise UserError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})",
+                        hint="check the file, or use .jsonl for one object per line") from exc
     if isinstance(data, dict):
         # {"text": [...]} (column layout) or {"data": [...]} / {"rows": [...]} wrappers.
         if isinstance(data.get(TEXT_FIELD), list):
