@@ -220,6 +220,14 @@ def check_source(source: str, key: str = "calibration.source") -> None:
                         f"allowed: {', '.join(source_names())}") from None
 
 
+def check_text_source(source: str, key: str) -> None:
+    """Validation of a source whose documents are read as text (a vocabulary step's corpus): a known source, and a text corpus."""
+    check_source(source, key)
+    entry, _ = resolve(source)
+    if not entry.text:
+        raise UserError(f"{key} = {source!r} is not a text corpus", f"allowed: {', '.join(text_source_names())}")
+
+
 def check_seed_corpus(corpus: str, key: str = "calibration.selfgen.corpus") -> None:
     """Self-generated data starts from a text corpus (a source registered with ``text=True``): a bundled one, a local
     file, a Hub dataset."""
@@ -334,4 +342,4 @@ register_source("mix", "workbench.data.sampling:mixture", description=describe_m
 
 
 __all__ = ["Source", "SourceContext", "CalibrationData", "register_source", "resolve", "describe_source", "source_names",
-           "text_source_names", "check_source", "check_seed_corpus", "parse_mixture", "mixture_counts", "DEFAULT_SOURCE"]
+           "text_source_names", "check_source", "check_text_source", "check_seed_corpus", "parse_mixture", "mixture_counts", "DEFAULT_SOURCE"]
