@@ -59,7 +59,8 @@ def generation_rows(label, model, prompts, params, max_new, eos, device, rows):
     vocab = int(model.get_output_embeddings().weight.shape[0])
     length = len(prompts[0]) + max_new
     holder = {}
-    base_s, base_rss, base_gpu = measure(lambda: holder.update(tokens=teacher_forced(model, len(prompts), length, params.batch_size, vocab, device)), device)
+    base_s, base_rss, base_gpu = measure(
+        lambda: holder.update(tokens=teacher_forced(model, len(prompts), length, params.batch_size, vocab, device)), device)
     rows.append({"model": label, "what": "baseline: teacher-forced forward", "seconds": base_s, "tokens": holder["tokens"],
                  "ratio": 1.0, "cpu_rss_gib": base_rss, "gpu_peak_gib": base_gpu})
     gen_s, gen_rss, gen_gpu = measure(lambda: holder.update(out=selfgen.generate(model, prompts, params, max_new, eos, 0, device)), device)

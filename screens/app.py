@@ -24,7 +24,7 @@ from .commands import WorkbenchCommands
 from .config import Config, load_config
 from .session import SCREEN_ORDER, Backend, Session
 from .state import JobState, UIState
-from .widgets import SCREENS, ConfirmModal, MessageModal
+from .widgets import SCREENS, ConfirmModal, HelpModal, MessageModal, binding_rows
 
 REPAINT = 0.05  # seconds: the most often the shown screen repaints from new worker data
 
@@ -58,8 +58,12 @@ class WorkbenchApp(App):
         Binding("ctrl+r", "run", "Run", priority=True, id="run.start"),
         Binding("ctrl+n", "guide_next", "Next", show=False, priority=True, id="guide.next"),
         Binding("ctrl+b", "guide_back", "Back", show=False, priority=True, id="guide.back"),
-        Binding("escape", "unfocus", "Leave field", show=False, id="app.unfocus"),
+        Binding("escape", "unfocus", "Leave the field (or end a guided walk)", show=False, id="app.unfocus"),
+        Binding("f1", "help", "Keys of this screen", show=False, priority=True, id="app.help"),
+        Binding("question_mark", "help", "Help", id="app.help_key"),
+        Binding("ctrl+q", "quit", "Quit (asks first when work would be lost)", show=False, priority=True, id="app.quit"),
     ]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]  # a class on each screen: -short up to 29 rows
 
     def __init__(self, session: Session | None = None, *, preset: str = "quickstart", backend: Backend | None = None,
                  start_screen: str = "run",
@@ -83,11 +87,15 @@ class WorkbenchApp(App):
     def on_mount(self) -> None:
         if self.config.keymap:
             self.set_keymap(self.config.keymap)
+        if self.start_worker:
+            self.bridge.announce()
         self.switch_mode(self.start_screen)
         self.call_after_refresh(self._painted)
         if self.config.problem:
             self.show_error(*self.config.problem, title="Settings")
-        if self.start_worker:
+
+    def _start_workers_now(self) -> None:
+        if self.start_worker and not self.bridge.started:
             self.run_worker(self._start_workers(), group="workers", exit_on_error=False)
 
     def _painted(self) -> None:
@@ -96,6 +104,9 @@ class WorkbenchApp(App):
 
         self.first_paint = time.perf_counter()
         gc.freeze()  # what exists at start-up lives as long as the app: keep it out of full collections
+        # the worker starts once the first screen is up: a real one imports torch, and on a small machine that
+        # import would hold up the first screen for as long as it takes; a job submitted before waits for it
+        self._start_workers_now()
         mark = os.environ.get("WORKBENCH_FIRST_PAINT_FILE")  # for the start-up benchmark
         if mark:
             with open(mark, "w") as f:
@@ -174,19 +185,93 @@ class WorkbenchApp(App):
         self.switch_mode(name)
 
     def action_unfocus(self) -> None:
-        self.screen.set_focus(None)
+        """Leave the focused field; with nothing focused, end a guided walk."""
+        if self.screen.focused is not None:
+            self.screen.set_focus(None)
+        elif self.session.guide is not None:
+            self.end_guide()
+
+    def end_guide(self) -> None:
+        self.session.guide = None
+        self.state.changed.add("session")
+        self.schedule_repaint()
+        screen = self.screen
+        if hasattr(screen, "_show_guide"):
+            screen._show_guide()
+        self.notify(f"guided walk ended; Presets ({self.key_for('screen.presets', '7')}) starts another", timeout=4)
+
+    def action_help(self) -> None:
+        """The keys of the shown screen (and the guided walk's note for it)."""
+        if isinstance(self.screen, HelpModal):
+            return
+        screen = self.screen
+        guide = self.session.guide
+        note = guide.note(screen.NAME) if guide is not None and getattr(screen, "NAME", None) in SCREEN_ORDER else ""
+        title = getattr(screen, "TITLE", "") or screen.id or "this screen"
+        self.push_screen(HelpModal(title, binding_rows(screen), note))
+
+    async def action_quit(self) -> None:
+        """Quit, after asking when a job would stop or setup edits would be lost."""
+        running = [j for j in self.state.jobs.values() if j.active]
+        lost = []
+        if running:
+            what = ", ".join(f"{j.title} ({j.kind}, {j.progress():.0%} done)" for j in running[:3])
+            lost.append(f"{len(running)} job(s) stop: {what}. Their events so far stay in History.")
+        if self.session.edited:
+            lost.append("The setup's edits are not saved as a preset (Presets: s saves them).")
+        if not lost:
+            self.exit()
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.exit()
+
+        self.push_screen(ConfirmModal("Quit the workbench? " + " ".join(lost), "Quit", "Stay"), answer)
+
+    def memory_findings(self) -> list:
+        """What the worker's machine cannot hold of a run of the setup, or may not (``workbench.memory_estimate``):
+        the model's sizes from its Inspect, else its config.json; the memory from the worker's report."""
+        from workbench.memory_estimate import Machine, ModelSize, check, model_size
+
+        s = self.session
+        model = s.data.get("model") if isinstance(s.data.get("model"), dict) else {}
+        nsamples, seqlen = s.get("calibration.nsamples", 128), s.get("calibration.seqlen")
+        if not s.data.get("steps") or not isinstance(nsamples, int) or nsamples < 1:
+            return []
+        seqlen = seqlen if isinstance(seqlen, int) and seqlen > 1 else None
+        worker = next((w for w in self.state.workers.values() if w.status == "ready"), None)
+        machine = Machine.from_devices(worker.devices) if worker is not None else None
+        device = str(model.get("device") or "auto")
+        inspected = [j for j in self.state.jobs.values() if j.kind == "inspect" and j.status == "finished" and j.result
+                     and (j.spec.get("model") or {}).get("name", "demo") == model.get("name", "demo")
+                     and (j.spec.get("model") or {}).get("dtype", "auto") == model.get("dtype", "auto")]
+        size = ModelSize.from_inspect(max(inspected, key=lambda j: j.submitted).result) if inspected else None
+        if size is None:
+            on_gpu = device.startswith("cuda") or (device == "auto" and bool(machine and machine.gpus))
+            size = model_size(model, on_gpu)
+        if size is None:
+            return []
+        eval_seqlen = s.get("evaluate.seqlen")
+        return check(size, machine, nsamples=nsamples, seqlen=seqlen, device=device,
+                     offload=s.get("calibration.offload_activations", False) is True,
+                     eval_seqlen=eval_seqlen if isinstance(eval_seqlen, int) else None)
 
     async def action_run(self) -> None:
-        """Run the current setup (after validating it) and show its progress."""
+        """Run the current setup (after validating it, and checking the worker's machine can hold it)."""
         try:
             spec = self.session.spec()
         except UserError as exc:
             self.show_error(exc.message, exc.hint, "The setup is not valid yet")
             return
+        cannot = [f for f in self.memory_findings() if f.level == "problem"]
+        if cannot:
+            self.show_error(f"{cannot[0].key}: {cannot[0].message}", cannot[0].hint, "The setup cannot run on this machine")
+            return
         if self.bridge.busy():
             running = next(j for j in self.state.jobs.values() if j.active)
             self.notify(f"queued behind {running.title}; it starts when the worker is free", timeout=5)
-        job = await self.submit("run", spec.to_dict(), title=spec.name or self.session.preset or "run")
+        job = await self.submit("run", spec.to_dict(), title=spec.name)
         if job is not None:
             self.switch_mode("run")
 
@@ -242,10 +327,14 @@ class WorkbenchApp(App):
             except OSError as exc:
                 self.show_error(f"cannot write {path}: {exc}", "pick a folder you can write to", "The preset was not saved")
             else:
-                self.notify(f"saved {written}; run it headless with: workbench run {written}", timeout=8)
+                self.session_changed()
+                self.session.saved_revision = self.session.revision
+                self.notify(f"saved {written} as preset {self.session.run_name()!r}; run it headless with: "
+                            f"workbench run {written}", timeout=8)
 
-        default = f"{self.session.data.get('name') or self.session.preset or 'setup'}.toml"
-        self.push_screen(PromptModal("Save the setup as a preset file:", default), save)
+        default = f"{file_name(self.session.run_name())}.toml"
+        self.push_screen(PromptModal("Save the setup as a preset file (its name becomes the preset's name):", default,
+                                     required="the preset needs a file name"), save)
 
     def open_preset(self, name: str, guided: bool = True) -> bool:
         """Load a preset into the setup (a guided walk through the screens when ``guided``)."""
@@ -258,6 +347,13 @@ class WorkbenchApp(App):
         if guided:
             self.switch_mode(SCREEN_ORDER[0])
         return True
+
+
+def file_name(name: str) -> str:
+    """``name`` as a file name: letters, digits, ``.``, ``-`` and ``_``; runs of anything else become one ``-``."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-.") or "setup"
 
 
 def main(backend: Backend | None = None, preset: str = "quickstart") -> int:

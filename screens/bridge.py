@@ -48,6 +48,16 @@ class WorkerBridge:
         groups = parse_gpus(b.gpus)
         return [dataclasses.replace(base, gpus=g) for g in groups] if groups else [base]
 
+    def announce(self) -> None:
+        """Show the workers as starting, before their processes are (the first screen says what is coming)."""
+        try:
+            transports = self.transports()
+        except UserError:
+            return  # the start reports it
+        for t in transports:
+            self.state.worker(t.describe()).status = "starting"
+        self.state.changed.add("workers")
+
     @property
     def started(self) -> bool:
         return self.pool is not None

@@ -39,44 +39,66 @@ def folder_note(path: Path) -> str:
 
 
 class FolderTree(DirectoryTree):
-    """A directory tree of folders only (a model is a folder)."""
+    """A directory tree of folders only (a model is a folder), or of folders and files with ``suffix``."""
+
+    def __init__(self, path, suffix: str | None = None, **kwargs):
+        self.suffix = suffix
+        super().__init__(path, **kwargs)
 
     def filter_paths(self, paths: Iterable[Path]) -> Iterable[Path]:
-        return [p for p in paths if p.is_dir() and not p.name.startswith(".")]
+        return [p for p in paths if not p.name.startswith(".")
+                and (p.is_dir() or (self.suffix is not None and p.suffix == self.suffix))]
 
 
 def start_folder(typed: str) -> Path:
-    """Where the browser opens: the typed folder, else its nearest existing parent, else the home folder."""
-    path = Path(typed.strip() or "~").expanduser()
-    for candidate in (path, *path.parents):
-        if candidate.is_dir() and str(candidate) not in (".", ""):
-            return candidate.resolve()
-    return Path.home()
+    """Where the browser opens: the typed folder, else its nearest existing parent, else the working directory."""
+    typed = typed.strip()
+    if typed:
+        path = Path(typed).expanduser()
+        for candidate in (path, *path.parents):
+            if candidate.is_dir() and str(candidate) not in (".", ""):
+                return candidate.resolve()
+    return Path.cwd()
+
+
+def folder_title(path: Path) -> str:
+    """A folder as the browser names it: its whole path (``/`` is "/ (the root folder)")."""
+    return f"{path} (the root folder)" if path == Path(path.anchor) else str(path)
 
 
 class FolderModal(ModalScreen[str | None]):
-    """Browse for a model folder: enter opens a folder, u uses the highlighted one, backspace goes up."""
+    """Browse for a model folder (or, with ``suffix``, a file): enter opens a folder (or takes a file), u uses the
+    highlighted entry, backspace goes up, escape cancels."""
 
     BINDINGS = [
-        Binding("u", "use", "Use folder", id="browse.use"),
+        Binding("u", "use", "Use it", id="browse.use"),
         Binding("backspace", "up", "Parent folder", id="browse.up"),
         Binding("escape", "cancel", "Cancel", id="browse.cancel"),
     ]
 
-    def __init__(self, typed: str = ""):
+    def __init__(self, typed: str = "", suffix: str | None = None, title: str = "Pick a model folder (one with config.json)"):
         super().__init__(classes="modal", id="folder-modal")
         self.root = start_folder(typed)
         self.highlighted = self.root
+        self.suffix, self.title_text = suffix, title
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label("Pick a model folder (one with config.json)", id="modal-title")
-            yield FolderTree(self.root, id="folder-tree")
-            yield Static(folder_note(self.root), id="folder-note")
+            yield Label(self.title_text, id="modal-title")
+            yield Static(f"in {escape(folder_title(self.root))}", id="folder-where")
+            yield FolderTree(self.root, suffix=self.suffix, id="folder-tree")
+            yield Static(self._note(self.root), id="folder-note")
             with Horizontal(id="modal-buttons"):
-                yield Button("Use folder (u)", id="use", variant="primary", compact=True)
+                yield Button("Use it (u)", id="use", variant="primary", compact=True)
                 yield Button("Parent (backspace)", id="up", compact=True)
-                yield Button("Cancel (esc)", id="cancel", compact=True)
+                yield Button("Cancel (escape)", id="cancel", compact=True)
+
+    def _note(self, path: Path) -> str:
+        if self.suffix is None:
+            return folder_note(path)
+        if path.is_file():
+            return f"[green]{escape(path.name)}[/]: u or enter takes it"
+        return f"{escape(str(path))}: a folder; enter opens it"
 
     def on_mount(self) -> None:
         self.query_one(FolderTree).focus()
@@ -85,12 +107,19 @@ class FolderModal(ModalScreen[str | None]):
         entry = event.node.data
         if entry is not None:
             self.highlighted = Path(entry.path)
-            self.query_one("#folder-note", Static).update(folder_note(self.highlighted))
+            self.query_one("#folder-note", Static).update(self._note(self.highlighted))
+
+    def on_directory_tree_file_selected(self, event: FolderTree.FileSelected) -> None:
+        event.stop()
+        self.dismiss(str(event.path))
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         {"use": self.action_use, "up": self.action_up, "cancel": self.action_cancel}[event.button.id]()
 
     def action_use(self) -> None:
+        if self.suffix is not None and not self.highlighted.is_file():
+            self.query_one("#folder-note", Static).update(f"[red]pick a {self.suffix} file[/] (enter opens a folder)")
+            return
         self.dismiss(str(self.highlighted))
 
     def action_up(self) -> None:
@@ -98,7 +127,8 @@ class FolderModal(ModalScreen[str | None]):
         parent = Path(tree.path).resolve().parent
         tree.path = parent
         self.highlighted = parent
-        self.query_one("#folder-note", Static).update(folder_note(parent))
+        self.query_one("#folder-where", Static).update(f"in {escape(folder_title(parent))}")
+        self.query_one("#folder-note", Static).update(self._note(parent))
 
     def action_cancel(self) -> None:
         self.dismiss(None)

@@ -27,7 +27,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import Button, DataTable, Input, Label, Select, Static, TabbedContent, TabPane
+from textual.widgets import Button, Checkbox, Input, Label, Select, Static, TabbedContent, TabPane
 
 from workbench.errors import UserError
 from workbench.data.sources import describe_source, mixture_counts, parse_mixture
@@ -35,7 +35,7 @@ from workbench.spec import CalibrationSpec, SelfGenSpec, spec_from_dict
 
 from .base import WorkbenchScreen
 from .stepforms import problem_text
-from .widgets import ConfirmModal
+from .widgets import Check, ConfirmModal, Table
 
 KINDS = (("c4", "c4"), ("wikitext2", "wikitext2"), ("books", "books"), ("random", "random"), ("selfgen", "selfgen"),
          ("file", "file:PATH"), ("hf", "hf:DATASET"), ("mix", "mixture"), ("other", "other"))
@@ -196,28 +196,39 @@ class CalibrationScreen(WorkbenchScreen):
         self.kind = parse_source(str(self.app.session.get("calibration.source", "c4")))[0]
         with TabbedContent(id="calibration-tabs"):
             with TabPane("Source", id="tab-source"):
-                with VerticalScroll(classes="form"):
+                with VerticalScroll(classes="form", can_focus=False):  # its fields take the focus
                     yield from self._line("Source", Select([(t, k) for k, t in KINDS], value=self.kind, allow_blank=False,
                                                            compact=True, id="source-kind"))
                     with Horizontal(classes="line", id="arg-line"):
                         yield Label("", classes="label", id="arg-label")
                         yield Input(compact=True, id="source-arg")
                     yield Static("", id="source-description", classes="note")
-                    yield DataTable(id="mix-table", cursor_type="row")
+                    yield Table(id="mix-table", cursor_type="row")
                     with Horizontal(classes="line", id="mix-add"):
                         yield Label("Add source", classes="label")
                         yield Input(placeholder="c4, selfgen, file:PATH...", compact=True, id="mix-source")
-                        yield Input(placeholder="fraction", type="number", compact=True, id="mix-fraction")
+                        yield Input(placeholder="fraction", compact=True, id="mix-fraction")
                         yield Button("Add", compact=True, id="mix-add-button")
                     for pair in (SIZE_FIELDS[:2], SIZE_FIELDS[2:]):
                         with Horizontal(classes="line"):
                             for f in pair:
                                 yield Label(f.label, classes="label")
                                 yield self._input(f)
+                    yield Static("", id="memory-note", classes="note")
+                    with Horizontal(classes="line"):
+                        yield Label("Options", classes="label")
+                        yield Check("offload activations to host memory", compact=True, id="f-offload")
+                    with Horizontal(classes="line"):
+                        yield Label("", classes="label")
+                        yield Check("describe the data before compressing (summary)", compact=True, id="f-summary")
+                    with Horizontal(classes="line"):
+                        yield Label("Compare with", classes="label")
+                        yield Input(placeholder="none; a source to measure the token divergence from", compact=True,
+                                    id="f-compare")
                     yield Static("", id="source-string", classes="note")
                     yield Static("", id="problem-source", classes="problem")
             with TabPane("Self-generation", id="tab-selfgen"):
-                with VerticalScroll(classes="form"):
+                with VerticalScroll(classes="form", can_focus=False):  # its fields take the focus
                     yield Static("", id="selfgen-note", classes="note")
                     for i in range(0, len(SELFGEN_FIELDS), 2):
                         with Horizontal(classes="line"):
@@ -226,7 +237,7 @@ class CalibrationScreen(WorkbenchScreen):
                                 yield self._input(f)
                     yield Static("", id="problem-selfgen", classes="problem")
             with TabPane("Preview", id="tab-preview"):
-                with VerticalScroll(classes="form"):
+                with VerticalScroll(classes="form", can_focus=False):  # its fields take the focus
                     with Horizontal(classes="line"):
                         yield Button(f"Preview ({self.app.key_for('calibration.preview', 'ctrl+l')})", compact=True, id="preview")
                         yield Static("", id="preview-status")
@@ -242,12 +253,12 @@ class CalibrationScreen(WorkbenchScreen):
 
     @staticmethod
     def _input(f: Field) -> Input:
-        placeholder = PLACEHOLDERS.get(f.key) or ("" if f.default is None else str(f.default))
-        kind = {"int": "integer", "float": "number"}.get(f.kind, "text")
-        return Input(placeholder=placeholder, type=kind, compact=True, id=f.id, valid_empty=True)
+        # a text field: a letter typed into a number shows, and the validator names it (empty: the default)
+        placeholder = PLACEHOLDERS.get(f.key) or ("" if f.default is None else f"default {f.default}")
+        return Input(placeholder=placeholder, compact=True, id=f.id)
 
     def on_mount(self) -> None:  # the frame's on_mount runs too (Textual calls every class's handler)
-        self.query_one("#mix-table", DataTable).add_columns("source", "fraction", "samples")
+        self.query_one("#mix-table", Table).add_columns("source", "fraction", "samples")
 
     # ------------------------------------------------------------ session -> widgets
     def on_session(self) -> None:
@@ -260,6 +271,10 @@ class CalibrationScreen(WorkbenchScreen):
         for f in FIELDS.values():
             value = session.get(f.key)
             self._set(self.query_one(f"#{f.id}", Input), "" if value is None else str(value))
+        self._set(self.query_one("#f-offload", Checkbox), session.get("calibration.offload_activations", False) is True)
+        self._set(self.query_one("#f-summary", Checkbox), session.get("calibration.summary", True) is not False)
+        compare = session.get("calibration.compare")
+        self._set(self.query_one("#f-compare", Input), "" if compare is None else str(compare))
         self._show_source()
 
     @staticmethod
@@ -290,11 +305,25 @@ class CalibrationScreen(WorkbenchScreen):
             line = self.query_one(wid, Static)
             line.update(text if shown else "")
             line.display = shown
+        self._show_memory()
         used = uses_selfgen(source)
         self.query_one("#selfgen-note", Static).update(Text(
             "Used: the source includes selfgen. Empty fields take the defaults shown." if used else
             f"Not used by the source {source!r}: these settings apply to a source with selfgen in it."))
         self.query_one("#selfgen-warning").display = used
+
+    def _show_memory(self) -> None:
+        """What the worker's machine cannot hold of these sizes (the estimate Inspect shows), under the sizes."""
+        note = self.query_one("#memory-note", Static)
+        findings = self.app.memory_findings()
+        text = Text()
+        for f in findings:
+            mark, style = ("✗ cannot run: ", "bold red") if f.level == "problem" else ("⚠ ", "yellow")
+            text.append(mark + f.message, style=style)
+            text.append((f"\n  what to do: {f.hint}" if f.hint else "") + "\n", style="dim")
+        text.rstrip()
+        note.update(text)
+        note.display = bool(findings)
 
     @staticmethod
     def _description(source: str) -> str:
@@ -305,7 +334,7 @@ class CalibrationScreen(WorkbenchScreen):
             return ""  # the problem line says what is wrong
 
     def _fill_mixture(self) -> None:
-        table = self.query_one("#mix-table", DataTable)
+        table = self.query_one("#mix-table", Table)
         counts = mixture_samples(self.app.session)
         cursor = table.cursor_row
         table.clear()
@@ -335,9 +364,7 @@ class CalibrationScreen(WorkbenchScreen):
         if self.kind == "mix" and not self.rows and previous and not previous.startswith("mix:"):
             self.rows = [(previous, "1")]  # start from the current source, to be split
         self._set(self.query_one("#source-arg", Input), self.args.get(self.kind, ""))
-        self._edit_source()
-        if self.kind in ARGUMENTS:
-            self.query_one("#source-arg", Input).focus()
+        self._edit_source()  # the focus stays on the choice: tab goes on to its argument
 
     def on_input_changed(self, event: Input.Changed) -> None:
         wid = event.input.id or ""
@@ -348,12 +375,19 @@ class CalibrationScreen(WorkbenchScreen):
             self._edit_source()
         elif wid in FIELDS:
             self._edit(FIELDS[wid].key, FIELDS[wid].parse(event.value))
+        elif wid == "f-compare":
+            self._edit("calibration.compare", event.value.strip() or None)
+
+    def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
+        key = {"f-offload": "calibration.offload_activations", "f-summary": "calibration.summary"}.get(event.checkbox.id or "")
+        if key is not None and self.app.session.get(key, key.endswith("summary")) != event.value:
+            self._edit(key, event.value)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id in ("mix-source", "mix-fraction"):
             self.action_add_part()
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_data_table_row_selected(self, event: Table.RowSelected) -> None:
         """Enter on a mixture row: edit it in the add fields (adding the same source replaces it)."""
         if event.data_table.id == "mix-table":
             name, fraction = self.rows[event.cursor_row]
@@ -384,11 +418,11 @@ class CalibrationScreen(WorkbenchScreen):
         self._edit_source()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        return self.kind == "mix" if action == "remove_part" else True
+        return self.kind == "mix" if action == "remove_part" else super().check_action(action, parameters)
 
     def action_remove_part(self) -> None:
         """Remove the highlighted mixture row."""
-        table = self.query_one("#mix-table", DataTable)
+        table = self.query_one("#mix-table", Table)
         if self.kind != "mix" or not self.rows or not table.has_focus:
             return
         del self.rows[min(table.cursor_row, len(self.rows) - 1)]
@@ -486,6 +520,8 @@ class CalibrationScreen(WorkbenchScreen):
 
     # ------------------------------------------------------------ state -> widgets
     def on_state(self, changes: set[str]) -> None:
+        if "workers" in changes or any(self.app.state.jobs[j].kind == "inspect" for j in changes if j in self.app.state.jobs):
+            self._show_memory()  # the worker's memory, or the model's inspected sizes, changed
         job = self.app.state.jobs.get(self.preview_id or "") or self.app.state.latest("preview")
         if job is None or job.id in changes or "session" in changes:
             self._show_preview()

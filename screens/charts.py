@@ -23,6 +23,7 @@ from textual_plotext import PlotextPlot
 
 MAX_POINTS = 200
 X_TICKS = 5  # at most this many labelled ticks on an x axis: more do not fit 38 columns
+MARKERS = ("o", "x", "+", "*", "#", "@")  # one per series of a chart with markers
 DIVERGED = 1e12  # the objective a search records for a diverged trial: plotted, it would flatten the rest
 
 
@@ -51,11 +52,17 @@ def downsample(points: Sequence[tuple[float, float]], limit: int = MAX_POINTS) -
 
 
 def integer_ticks(first: int, last: int, count: int = X_TICKS) -> list[int]:
-    """Up to ``count`` evenly spread integers from ``first`` to ``last``, both included."""
+    """Up to ``count`` integers from ``first``, evenly spaced by a round step (1, 2, 5, 10, 20, 50...), up to
+    ``last``; ``last`` itself too when it is more than half a step past the last of them."""
     if last <= first:
         return [first]
-    count = min(count, last - first + 1)
-    return sorted({round(first + (last - first) * i / (count - 1)) for i in range(count)})
+    step = 1
+    while (last - first) / step > count - 1:
+        step = next(s for s in (2 * step, 5 * step // 2, 5 * step) if s > step and (str(s)[0] in "125"))
+    ticks = list(range(first, last + 1, step))
+    if last - ticks[-1] > step / 2:
+        ticks.append(last)
+    return ticks
 
 
 class Chart(PlotextPlot):
@@ -95,7 +102,21 @@ class Chart(PlotextPlot):
 
 
 class LayerChart(Chart):
-    """Per-layer bars (e.g. sparsity) that fill in layer by layer."""
+    """Per-layer bars (e.g. sparsity) that fill in layer by layer, a blank column between bars where there is room."""
+
+    _args: tuple | None = None
+
+    def bar_width(self, count: int) -> float:
+        """The bars' width (a fraction of a layer's columns) that leaves at least one blank column between them."""
+        columns = max(1, self.size.width - 6) / max(1, count)  # the plot beside its y axis labels
+        if columns < 3:
+            return 1.0  # too narrow for gaps: the bars touch rather than thin out to nothing
+        return max(0.3, min(0.8, (columns - 2.2) / columns))
+
+    def on_resize(self, event) -> None:
+        if self._args is not None:  # the gaps depend on the width: draw the same data again
+            values, total, target, title, ylabel = self._args
+            self.update_layers(values, total=total, target=target, title=title, ylabel=ylabel)
 
     def update_layers(self, values: Sequence[float | None], *, total: int | None = None, target: float | None = None,
                       title: str = "sparsity per layer", ylabel: str = "sparsity") -> None:
@@ -106,7 +127,8 @@ class LayerChart(Chart):
         line; the y axis spans 0..1 when every value (and the target) does.
         """
         values = list(values)
-        if not self.changed((tuple(values), total, target, title, ylabel)):
+        self._args = (values, total, target, title, ylabel)
+        if not self.changed((tuple(values), total, target, title, ylabel, self.size.width)):
             return
         bars = [(i, float(v)) for i, v in enumerate(values) if v is not None]
         if not bars:
@@ -115,8 +137,8 @@ class LayerChart(Chart):
         self.start(title)
         plt = self.plt
         xs, ys = zip(*bars)
-        plt.bar(list(xs), list(ys), width=0.8)
         count = max(total or 0, len(values))
+        plt.bar(list(xs), list(ys), width=self.bar_width(count))
         plt.xlim(-0.5, count - 0.5)
         ticks = integer_ticks(0, count - 1)
         plt.xticks(ticks, [str(t) for t in ticks])
@@ -136,18 +158,18 @@ class TrialChart(Chart):
     """A search's trials: each finished trial's objective, and the best so far."""
 
     def update_trials(self, trials: Sequence[tuple[int, float | None]], *,
-                      title: str = "trials (objective, lower is better)") -> None:
+                      title: str = "trials (objective, lower is better)", waiting: str | None = None) -> None:
         """``trials``: ``(number, objective)``; ``None`` (a failed or pruned trial) and diverged values are skipped.
 
         Trials are drawn by number; the line is the running minimum of the
         objectives in that order.
         """
         trials = [(int(n), o) for n, o in trials]
-        if not self.changed((tuple(trials), title)):
+        if not self.changed((tuple(trials), title, waiting)):
             return
         finished = sorted((n, float(o)) for n, o in trials if o is not None and math.isfinite(o) and o < DIVERGED)
         if not finished:
-            self.empty(title, "no finished trial yet" if trials else "no trials yet")
+            self.empty(title, "no finished trial yet" if trials else waiting or "no trials yet")
             return
         self.start(title)
         plt = self.plt
@@ -167,16 +189,17 @@ class CurveChart(Chart):
     """One line per named series (e.g. perplexity versus sparsity for several methods)."""
 
     def update_series(self, series: Mapping[str, Sequence[tuple[float, float]]], *, title: str = "", xlabel: str = "",
-                      ylabel: str = "", logy: bool = False) -> None:
+                      ylabel: str = "", logy: bool = False, markers: bool = False) -> None:
         """Draw each series as a line, labelled by its name when there are several.
 
         With ``logy`` the y axis is logarithmic and points with y <= 0 are
-        left out.
+        left out. With ``markers`` each series' points get a marker of their
+        own (``MARKERS``) and the legend names every series, even a single one.
         """
         # plotext's own log scale transforms the data in place at every build (each repaint), so the
         # logarithm is taken here and the ticks are labelled with the original values.
         series = {name: [(float(x), float(y)) for x, y in points] for name, points in series.items()}
-        if not self.changed((tuple((n, tuple(p)) for n, p in series.items()), title, xlabel, ylabel, logy)):
+        if not self.changed((tuple((n, tuple(p)) for n, p in series.items()), title, xlabel, ylabel, logy, markers)):
             return
         drawn = {name: [(x, y) for x, y in points if math.isfinite(y) and (y > 0 or not logy)]
                  for name, points in series.items()}
@@ -188,10 +211,14 @@ class CurveChart(Chart):
             drawn = {name: [(x, math.log10(y)) for x, y in points] for name, points in drawn.items()}
         self.start(title)
         plt = self.plt
-        for name, points in drawn.items():
+        for i, (name, points) in enumerate(drawn.items()):
             points = downsample(points)
-            plt.plot([x for x, _ in points], [y for _, y in points], marker="braille",
-                     label=name if len(drawn) > 1 else None)
+            xs, ys = [x for x, _ in points], [y for _, y in points]
+            if markers:
+                plt.plot(xs, ys, marker="braille")
+                plt.scatter(xs, ys, marker=MARKERS[i % len(MARKERS)], label=f"{MARKERS[i % len(MARKERS)]} {name}")
+            else:
+                plt.plot(xs, ys, marker="braille", label=name if len(drawn) > 1 else None)
         plt.xfrequency(X_TICKS)
         if logy:
             ys = [y for points in drawn.values() for _, y in points]

@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Input, OptionList, Select, Static, Switch
+from textual.widgets import Checkbox, Input, OptionList, Select, Static
 from textual.widgets.option_list import Option
 
 from workbench.registry import step_types
@@ -111,6 +111,7 @@ class CompressionScreen(WorkbenchScreen):
     async def _show_form(self) -> None:
         box = self.query_one("#form-box", VerticalScroll)
         await box.remove_children()
+        self.query_one("#field-help", Static).update("")  # the help of a field of the form just removed
         title = self.query_one("#form-title", Static)
         if not self.steps:
             add = self.app.key_for("compression.add", "a")
@@ -164,7 +165,7 @@ class CompressionScreen(WorkbenchScreen):
     def on_descendant_focus(self, event) -> None:
         widget = event.widget
         form = self.query(StepForm)
-        if form and isinstance(widget, (Input, Select, Switch)):
+        if form and isinstance(widget, (Input, Select, Checkbox)):
             self.query_one("#field-help", Static).update(form.first().help_for(widget.id))
 
     # ------------------------------------------------------------ actions

@@ -1,16 +1,26 @@
-"""The Evaluate screen: measure the setup's dense model, or the model a finished run kept, beyond the run itself.
+"""The Evaluate screen: measure a model now, and set what every run of the setup measures and keeps.
 
-Left, what to evaluate: the target (the setup's model, or a run from the
-history that kept its model: its export, or the model of a run without
-steps), perplexity data sets, zero-shot tasks, in-context learning and
-efficiency. Every change is validated by the spec validator, so the messages
-are the command line's. Right, this session's evaluation jobs and the
-selected one's progress and results, filled in as its metrics arrive.
+Two tabs (``]`` and ``[`` move between them):
+
+- Evaluate a model: left, what to evaluate: the target (the setup's model,
+  or a run from the history that kept its model: its export, or the model of
+  a run without steps), perplexity data sets, zero-shot tasks, in-context
+  learning and efficiency. Every change is validated by the spec validator,
+  so the messages are the command line's. Right, this session's evaluation
+  jobs and the selected one's progress and results, each perplexity with
+  its protocol (tokens per window × windows).
+- Run settings: the setup's name, description and reference, its
+  ``[evaluate]`` table (what a run measures before and after compressing)
+  and its ``[export]`` table (whether the compressed model is kept, where,
+  in which dtype, and whether an earlier export there may be replaced).
+  Every edit goes to the setup at once.
 
 An evaluation is an ``evaluate`` job (a spec without steps) that the worker
-client records as a run of its own. For a history run, its metrics are also
-stored with that run as phase ``eval`` when the job finishes, as
-``workbench eval RUN`` does, so History and compare show them.
+client records as a run of its own, named after what it evaluated
+(``eval of quickstart (a1b2c3)``, its ``reference`` ``run:ID``). For a
+history run, its metrics are also stored with that run as phase ``eval``
+when the job finishes, as ``workbench eval RUN`` does, so History and
+compare show them.
 """
 
 from __future__ import annotations
@@ -24,28 +34,33 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Button, Checkbox, DataTable, Input, Label, OptionList, ProgressBar, Select, SelectionList, Static
+from textual.widgets import (Button, Checkbox, Input, Label, OptionList, ProgressBar, Select, SelectionList, Static,
+                             TabbedContent, TabPane)
 from textual.widgets.option_list import Option
 
 from workbench.errors import UserError, WorkbenchError
 from workbench.evaluation import report
 from workbench.evaluation.icl_data import DATASETS, MODES, RETRIEVERS
 from workbench.evaluation.zeroshot import BUNDLED_TASKS
-from workbench.spec import EVAL_DATASETS_BUILTIN, EvalSpec, spec_from_dict
+from workbench.files import is_export
+from workbench.spec import DTYPES, EVAL_DATASETS_BUILTIN, EvalSpec, ExportSpec, spec_from_dict
 
 from .base import WorkbenchScreen
-from .widgets import human_seconds
+from .protocol import protocol_text
+from .stepforms import problem_text
+from .widgets import Check, ConfirmModal, Table, human_seconds
+from .records import is_evaluation, open_history, steps_text
 
-# input id -> [evaluate] key; an empty field leaves the key out, so the engine's default applies
+# input id suffix -> ([evaluate] key, label); an empty field leaves the key out, so the engine's default applies
 INPUTS = {
-    "eval-limit": ("limit", "max windows"), "eval-seqlen": ("seqlen", "seq length"), "eval-batch": ("batch_size", "batch size"),
-    "eval-zs-limit": ("zeroshot_limit", "max samples"), "eval-icl-k": ("icl_k", "demos K"),
-    "eval-icl-memory": ("icl_memory", "memory M"), "eval-icl-seeds": ("icl_seeds", "orders"),
-    "eval-icl-limit": ("icl_limit", "max queries"), "eval-icl-entropy": ("icl_max_entropy", "max entropy"),
+    "limit": ("limit", "max windows"), "seqlen": ("seqlen", "seq length"), "batch": ("batch_size", "batch size"),
+    "zs-limit": ("zeroshot_limit", "max samples"), "icl-k": ("icl_k", "demos K"),
+    "icl-memory": ("icl_memory", "memory M"), "icl-seeds": ("icl_seeds", "orders"),
+    "icl-limit": ("icl_limit", "max queries"), "icl-entropy": ("icl_max_entropy", "max entropy"),
 }
 HIDDEN = ("icl_labels", "icl_template")  # kept from the setup's [evaluate]: a file: ICL data set needs them
 MODEL_SETTINGS = ("dtype", "device", "trust_remote_code")  # what an evaluation of a run keeps of the run's [model]
-NO_MODEL_HINT = "re-run it with export on"
+NO_MODEL_HINT = "turn on export in the Run settings tab (]) and run it again"
 RUNS_LISTED = 200
 
 
@@ -60,6 +75,12 @@ class Target:
     settings: dict
     run_id: str | None = None
     problem: tuple[str, str, str] | None = None  # (in a few words, message, hint)
+    steps: str = "dense"  # what the model is: the run's steps
+
+    @property
+    def what(self) -> str:
+        """What is evaluated, in words: ``quickstart (a1b2c3): wanda 50%``."""
+        return f"{self.title}: {self.steps}"
 
 
 def _number(text: str):
@@ -76,14 +97,13 @@ def _number(text: str):
 
 
 def history_targets(app) -> list[Target]:
-    """The finished runs of the history as targets, newest first (UserError when the history cannot be read)."""
-    from .history import open_history, steps_text
-
+    """The finished runs of the history as targets, newest first; evaluations, which measured one of these (or a
+    setup's model), are left out (UserError when the history cannot be read)."""
     local = app.session.backend.where == "local"
     targets = []
     with open_history(app) as history:
         for record in history.runs(limit=RUNS_LISTED):
-            if record.status != "finished":
+            if record.status != "finished" or is_evaluation(record):
                 continue
             model = history.model_of(record)
             # the path the worker wrote, not the one the client located (host:path for an ssh worker)
@@ -94,10 +114,96 @@ def history_targets(app) -> list[Target]:
             elif record.spec.get("steps") and local and not Path(model).is_dir():
                 problem = ("its export is gone", f"the exported model of run {record.id} is gone ('{model}')", NO_MODEL_HINT)
             settings = {k: v for k, v in (record.spec.get("model") or {}).items() if k in MODEL_SETTINGS}
-            label = f"{record.name} ({record.id[-6:]}): {steps_text(record)}"
+            steps = steps_text(record)
+            label = f"{record.name} ({record.id[-6:]}): {steps}"
             targets.append(Target(f"run:{record.id}", label, f"{record.name} ({record.id[-6:]})", model, settings,
-                                  record.id, problem))
+                                  record.id, problem, steps))
     return targets
+
+
+def eval_values(data: dict | None) -> dict:
+    """An ``[evaluate]`` table with every key, the defaults filled in (a lone string made a list, as the validator does)."""
+    e = {**asdict(EvalSpec()), **{k: v for k, v in (data or {}).items() if v is not None}}
+    return {k: [v] if isinstance(v, str) and isinstance(getattr(EvalSpec(), k, None), list) else v for k, v in e.items()}
+
+
+def eval_fields(prefix: str, e: dict) -> ComposeResult:
+    """The widgets of an ``[evaluate]`` table (ids ``PREFIX-ppl``, ``PREFIX-limit``...), filled from ``e`` (``eval_values``)."""
+    # the setup's own data sets and tasks (file:..., lm_eval:...) are offered beside the bundled ones
+    ppl = list(dict.fromkeys([*EVAL_DATASETS_BUILTIN, *e["perplexity"]]))
+    tasks = list(dict.fromkeys([*BUNDLED_TASKS, *e["zeroshot"]]))
+    icl = {d.name: f"{d.name} ({d.title})" for d in DATASETS.values()} | {n: n for n in e["icl"] if n not in DATASETS}
+    yield Label("Perplexity", classes="eval-heading")
+    yield SelectionList(*((ds, ds, ds in e["perplexity"]) for ds in ppl), id=f"{prefix}-ppl")
+    yield from _inputs(prefix, e, "limit", "seqlen", "batch")
+    yield Label("Zero-shot tasks", classes="eval-heading")
+    yield SelectionList(*((t, t, t in e["zeroshot"]) for t in tasks), id=f"{prefix}-zeroshot")
+    yield from _inputs(prefix, e, "zs-limit")
+    yield Label("In-context learning", classes="eval-heading")
+    yield SelectionList(*((label, name, name in e["icl"]) for name, label in icl.items()), id=f"{prefix}-icl")
+    yield Label("modes", classes="eval-sub")
+    yield SelectionList(*((m, m, m in e["icl_modes"]) for m in MODES), id=f"{prefix}-icl-modes")
+    with Horizontal(classes="eval-field"):
+        yield Label("retriever")
+        yield Select([(r, r) for r in RETRIEVERS], value=e["icl_retriever"], allow_blank=False, compact=True,
+                     id=f"{prefix}-icl-retriever")
+    yield from _inputs(prefix, e, "icl-k", "icl-memory", "icl-seeds", "icl-limit", "icl-entropy")
+    yield Label("Efficiency", classes="eval-heading")
+    yield Check("speed and memory", bool(e["efficiency"]), compact=True, id=f"{prefix}-efficiency")
+
+
+def _inputs(prefix: str, values: dict, *suffixes: str) -> ComposeResult:
+    for suffix in suffixes:
+        key, label = INPUTS[suffix]
+        with Horizontal(classes="eval-field"):
+            yield Label(label)
+            value = values.get(key)
+            default = getattr(EvalSpec(), key)
+            yield Input("" if value is None else str(value), placeholder=f"default {default}" if default is not None else "default",
+                        compact=True, id=f"{prefix}-{suffix}")
+
+
+def read_eval_fields(screen, prefix: str) -> dict:
+    """The ``[evaluate]`` keys the widgets of ``eval_fields(prefix)`` describe (empty inputs left out)."""
+    q = screen.query_one
+    settings: dict = {
+        "perplexity": list(q(f"#{prefix}-ppl", SelectionList).selected),
+        "zeroshot": list(q(f"#{prefix}-zeroshot", SelectionList).selected),
+        "icl": list(q(f"#{prefix}-icl", SelectionList).selected),
+        "icl_modes": list(q(f"#{prefix}-icl-modes", SelectionList).selected),
+        "icl_retriever": q(f"#{prefix}-icl-retriever", Select).value,
+        "efficiency": q(f"#{prefix}-efficiency", Checkbox).value,
+    }
+    for suffix, (key, _) in INPUTS.items():
+        value = _number(q(f"#{prefix}-{suffix}", Input).value)
+        if value is not None:
+            settings[key] = value
+    return settings
+
+
+def fill_eval_fields(screen, prefix: str, e: dict) -> None:
+    """Show ``e`` (``eval_values``) in the widgets of ``eval_fields(prefix)``; unchanged ones are left alone."""
+    q = screen.query_one
+    for kind in ("ppl", "zeroshot", "icl", "icl-modes"):
+        key = {"ppl": "perplexity", "icl-modes": "icl_modes"}.get(kind, kind)
+        widget = q(f"#{prefix}-{kind}", SelectionList)
+        values = [widget.get_option_at_index(i).value for i in range(widget.option_count)]
+        for name in e[key]:
+            if name not in values:  # a file: data set or lm_eval: task of this setup
+                widget.add_option((name, name, True))
+        if sorted(widget.selected) != sorted(e[key]):
+            widget.deselect_all()
+            for name in e[key]:
+                widget.select(name)
+    if q(f"#{prefix}-icl-retriever", Select).value != e["icl_retriever"] and e["icl_retriever"] in RETRIEVERS:
+        q(f"#{prefix}-icl-retriever", Select).value = e["icl_retriever"]
+    if q(f"#{prefix}-efficiency", Checkbox).value != bool(e["efficiency"]):
+        q(f"#{prefix}-efficiency", Checkbox).value = bool(e["efficiency"])
+    for suffix, (key, _) in INPUTS.items():
+        widget = q(f"#{prefix}-{suffix}", Input)
+        shown = "" if e.get(key) is None else str(e[key])
+        if _number(widget.value) != _number(shown):
+            widget.value = shown
 
 
 class EvaluateScreen(WorkbenchScreen):
@@ -118,65 +224,68 @@ class EvaluateScreen(WorkbenchScreen):
         self._ended: set[str] = set()
         self._stale = True  # read the history's runs again at the next repaint
         self.hidden: dict = {}
+        self._filling = False
+        self._confirmed_out: Path | None = None
 
     # ------------------------------------------------------------------ layout
     def compose_body(self) -> ComposeResult:
-        e = {**asdict(EvalSpec()), **{k: v for k, v in (self.app.session.data.get("evaluate") or {}).items() if v is not None}}
-        e = {k: [v] if isinstance(v, str) and isinstance(getattr(EvalSpec(), k, None), list) else v for k, v in e.items()}
-        # the setup's own data sets and tasks (file:..., lm_eval:...) are offered beside the bundled ones
-        ppl = list(dict.fromkeys([*EVAL_DATASETS_BUILTIN, *e["perplexity"]]))
-        tasks = list(dict.fromkeys([*BUNDLED_TASKS, *e["zeroshot"]]))
-        icl = {d.name: f"{d.name} ({d.title})" for d in DATASETS.values()} | {n: n for n in e["icl"] if n not in DATASETS}
+        session = self.app.session
+        e = eval_values(session.data.get("evaluate"))
         self.hidden = {k: e[k] for k in HIDDEN if e.get(k)}
-        with Horizontal(id="eval-main"):
-            with Vertical(id="eval-left"):
-                with VerticalScroll(id="eval-form"):
-                    yield Label("Model", classes="eval-heading")
-                    yield OptionList(id="eval-target", markup=False)
-                    yield Label("Perplexity", classes="eval-heading")
-                    yield SelectionList(*((ds, ds, ds in e["perplexity"]) for ds in ppl), id="eval-ppl")
-                    yield from self._inputs(e, "eval-limit", "eval-seqlen", "eval-batch")
-                    yield Label("Zero-shot tasks", classes="eval-heading")
-                    yield SelectionList(*((t, t, t in e["zeroshot"]) for t in tasks), id="eval-zeroshot")
-                    yield from self._inputs(e, "eval-zs-limit")
-                    yield Label("In-context learning", classes="eval-heading")
-                    yield SelectionList(*((label, name, name in e["icl"]) for name, label in icl.items()), id="eval-icl")
-                    yield Label("modes", classes="eval-sub")
-                    yield SelectionList(*((m, m, m in e["icl_modes"]) for m in MODES), id="eval-icl-modes")
+        with TabbedContent(id="eval-tabs"):
+            with TabPane("Evaluate a model now", id="tab-eval-now"):
+                with Horizontal(id="eval-main"):
+                    with Vertical(id="eval-left"):
+                        with VerticalScroll(id="eval-form", can_focus=False):
+                            yield Label("Model", classes="eval-heading")
+                            yield OptionList(id="eval-target", markup=False)
+                            yield from eval_fields("eval", e)
+                        yield Static("", id="eval-problem", markup=False)
+                        yield Button("Evaluate (ctrl+e)", id="eval-start", variant="primary")
+                    with Vertical(id="eval-right"):
+                        yield Label("Evaluations", classes="eval-heading")
+                        yield OptionList(id="eval-jobs", markup=False)
+                        yield Static("nothing evaluated yet", id="eval-progress", markup=False)
+                        yield ProgressBar(total=100, show_eta=False, id="eval-bar")
+                        table = Table(id="eval-table", cursor_type="row", zebra_stripes=True)
+                        table.add_columns("metric", "dataset", "value", "protocol", "bits/byte")
+                        yield table
+            with TabPane("Run settings: evaluation, export", id="tab-run-settings"):
+                with VerticalScroll(id="run-settings", can_focus=False):
+                    yield Static("What every run of the setup is called, measures and keeps. Edits go to the setup "
+                                 "at once; ctrl+r runs it.", classes="eval-sub")
+                    yield Label("Run", classes="eval-heading")
+                    for key, label in (("name", "name"), ("description", "description"), ("reference", "reference")):
+                        with Horizontal(classes="eval-field"):
+                            yield Label(label)
+                            yield Input(compact=True, id=f"run-{key}")
+                    yield Label("Evaluated by the run (\\[evaluate])", classes="eval-heading")
+                    yield Check("the dense model too, before compressing", bool(e["before"]), compact=True, id="run-before")
+                    yield from eval_fields("run", e)
+                    yield Label("Kept by the run (\\[export])", classes="eval-heading")
+                    yield Check("export the compressed model (Evaluate can measure it later)", compact=True, id="run-save")
                     with Horizontal(classes="eval-field"):
-                        yield Label("retriever")
-                        yield Select([(r, r) for r in RETRIEVERS], value=e["icl_retriever"], allow_blank=False,
-                                     compact=True, id="eval-icl-retriever")
-                    yield from self._inputs(e, "eval-icl-k", "eval-icl-memory", "eval-icl-seeds", "eval-icl-limit",
-                                            "eval-icl-entropy")
-                    yield Label("Efficiency", classes="eval-heading")
-                    yield Checkbox("speed and memory", bool(e["efficiency"]), id="eval-efficiency")
-                yield Static("", id="eval-problem", markup=False)
-                yield Button("Evaluate", id="eval-start", variant="primary")
-            with Vertical(id="eval-right"):
-                yield Label("Evaluations", classes="eval-heading")
-                yield OptionList(id="eval-jobs", markup=False)
-                yield Static("nothing evaluated yet", id="eval-progress", markup=False)
-                yield ProgressBar(total=100, show_eta=False, id="eval-bar")
-                table = DataTable(id="eval-table", cursor_type="row", zebra_stripes=True)
-                table.add_columns("metric", "dataset", "value", "bits/byte")
-                yield table
-
-    def _inputs(self, values: dict, *ids: str) -> ComposeResult:
-        for input_id in ids:
-            key, label = INPUTS[input_id]
-            with Horizontal(classes="eval-field"):
-                yield Label(label)
-                value = values.get(key)
-                yield Input("" if value is None else str(value), placeholder="default", compact=True, id=input_id)
+                        yield Label("folder")
+                        yield Input(placeholder="empty: a folder in the run's directory", compact=True, id="run-out")
+                        yield Button("Browse", compact=True, id="run-browse")
+                    with Horizontal(classes="eval-field"):
+                        yield Label("dtype")
+                        yield Select([(d, d) for d in DTYPES], value="auto", allow_blank=False, compact=True,
+                                     id="run-dtype")
+                    yield Check("overwrite an earlier workbench export in that folder", compact=True, id="run-overwrite")
+                    yield Static("", id="run-out-note", classes="eval-sub")
+                    yield Static("", id="run-problem")
 
     def on_mount(self) -> None:
         # attach results to their run even while another screen is shown (on_state runs only while this one is)
         self.app.changed.subscribe(self, self._attach_finished)
+        self.query_one("#eval-jobs").display = False
+        self._fill_run_settings()
 
     # ------------------------------------------------------------------ targets
     def on_session(self) -> None:
         self._stale = True
+        self._fill_run_settings()
 
     def on_screen_resume(self) -> None:
         self._stale = True  # runs before the frame's resume handler, which calls on_state
@@ -215,21 +324,8 @@ class EvaluateScreen(WorkbenchScreen):
 
     # ------------------------------------------------------------------ the spec
     def settings(self) -> dict:
-        """The [evaluate] table the form describes."""
-        settings: dict = {
-            **copy.deepcopy(self.hidden),
-            "perplexity": list(self.query_one("#eval-ppl", SelectionList).selected),
-            "zeroshot": list(self.query_one("#eval-zeroshot", SelectionList).selected),
-            "icl": list(self.query_one("#eval-icl", SelectionList).selected),
-            "icl_modes": list(self.query_one("#eval-icl-modes", SelectionList).selected),
-            "icl_retriever": self.query_one("#eval-icl-retriever", Select).value,
-            "efficiency": self.query_one("#eval-efficiency", Checkbox).value,
-        }
-        for input_id, (key, _) in INPUTS.items():
-            value = _number(self.query_one(f"#{input_id}", Input).value)
-            if value is not None:
-                settings[key] = value
-        return settings
+        """The [evaluate] table the Evaluate-now form describes."""
+        return {**copy.deepcopy(self.hidden), **read_eval_fields(self, "eval")}
 
     def build_spec(self) -> dict:
         """The evaluate job's spec; UserError (the validator's, or "nothing to evaluate") when it is not valid."""
@@ -238,7 +334,9 @@ class EvaluateScreen(WorkbenchScreen):
             raise UserError("no model picked", "pick the setup's model or a finished run in the list")
         if target.problem is not None:
             raise UserError(*target.problem[1:])
-        spec = spec_from_dict({"name": "eval", "model": {**copy.deepcopy(target.settings), "name": target.model},
+        spec = spec_from_dict({"name": f"eval of {target.title}", "description": f"evaluation of {target.what}",
+                               "reference": target.key if target.run_id else f"model:{target.model}",
+                               "model": {**copy.deepcopy(target.settings), "name": target.model},
                                "evaluate": self.settings()})
         e = spec.evaluate
         if not (e.perplexity or e.zeroshot or e.icl or e.efficiency):
@@ -257,22 +355,173 @@ class EvaluateScreen(WorkbenchScreen):
         line.set_class(problem is not None, "problem")
         return problem
 
+    def _widget_changed(self, widget) -> None:
+        if (widget.id or "").startswith("run-"):
+            self._edit_run_settings(widget)
+        else:
+            self.validate()
+
     def on_input_changed(self, event: Input.Changed) -> None:
-        self.validate()
+        self._widget_changed(event.input)
 
     def on_selection_list_selected_changed(self, event: SelectionList.SelectedChanged) -> None:
-        self.validate()
+        self._widget_changed(event.selection_list)
 
     def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
-        self.validate()
+        self._widget_changed(event.checkbox)
 
     def on_select_changed(self, event: Select.Changed) -> None:
-        self.validate()
+        self._widget_changed(event.select)
+
+    # ------------------------------------------------------------------ run settings
+    def _fill_run_settings(self) -> None:
+        """Show the setup's name, [evaluate] and [export] in the Run settings tab."""
+        session = self.app.session
+        self._filling = True  # while the widgets are set from the setup: no folder questions
+        try:
+            name = self.query_one("#run-name", Input)
+            if (session.data.get("name") if session.named else "") != name.value and not name.has_focus:
+                name.value = str(session.data.get("name") or "") if session.named else ""
+            for key in ("description", "reference"):
+                widget = self.query_one(f"#run-{key}", Input)
+                if widget.value != str(session.data.get(key) or ""):
+                    widget.value = str(session.data.get(key) or "")
+            e = eval_values(session.data.get("evaluate"))
+            fill_eval_fields(self, "run", e)
+            self._set(self.query_one("#run-before", Checkbox), bool(e["before"]))
+            x = {**asdict(ExportSpec()), **{k: v for k, v in (session.data.get("export") or {}).items() if v is not None}}
+            self._set(self.query_one("#run-save", Checkbox), x["save"] is True)
+            self._set(self.query_one("#run-out", Input), str(x["out"] or ""))
+            self._set(self.query_one("#run-dtype", Select), x["dtype"] if x["dtype"] in DTYPES else "auto")
+            self._set(self.query_one("#run-overwrite", Checkbox), x["overwrite"] is True)
+        finally:
+            self._filling = False
+        self._show_run_problem()
+
+    @staticmethod
+    def _set(widget, value) -> None:
+        if widget.value != value:
+            widget.value = value
+
+    def _run_settings(self) -> tuple[dict, dict]:
+        """The [evaluate] and [export] tables the Run settings tab describes."""
+        session = self.app.session
+        hidden = {k: v for k, v in (session.data.get("evaluate") or {}).items() if k in HIDDEN}
+        evaluate = {**hidden, **read_eval_fields(self, "run"), "before": self.query_one("#run-before", Checkbox).value}
+        export = {"save": self.query_one("#run-save", Checkbox).value,
+                  "out": self.query_one("#run-out", Input).value.strip() or None,
+                  "dtype": self.query_one("#run-dtype", Select).value,
+                  "overwrite": self.query_one("#run-overwrite", Checkbox).value}
+        return evaluate, {k: v for k, v in export.items() if v is not None}
+
+    def _edit_run_settings(self, widget) -> None:
+        """Write what the Run settings tab shows into the setup (only what differs: a widget set from the setup
+        reports its value too)."""
+        session = self.app.session
+        wid, before = widget.id, session.revision
+        if wid == "run-name":
+            if (session.data.get("name") if session.named else "") != widget.value.strip():
+                session.set_name(widget.value)
+        elif wid in ("run-description", "run-reference"):
+            key = wid.removeprefix("run-")
+            if str(session.data.get(key) or "") != widget.value:
+                session.set(key, widget.value or None)
+        elif wid == "run-overwrite" and widget.value and not session.get("export.overwrite", False):
+            self._confirm_overwrite(widget)
+        else:
+            evaluate, export = self._run_settings()
+            if eval_values(evaluate) != eval_values(session.data.get("evaluate")):
+                session.set("evaluate", evaluate)
+            old = {**asdict(ExportSpec()), **{k: v for k, v in (session.data.get("export") or {}).items() if v is not None}}
+            if {**asdict(ExportSpec()), **export} != old:
+                session.set("export", export)
+        if session.revision != before:
+            self.app.session_changed()
+            self._seen_revision = session.revision  # our own edit: the widgets already show it
+        self._show_run_problem()
+
+    def _confirm_overwrite(self, check: Checkbox) -> None:
+        out = self.query_one("#run-out", Input).value.strip() or "the run's own folder"
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.app.session.set("export", self._run_settings()[1])
+                self.app.session_changed()
+                self._seen_revision = self.app.session.revision
+                self._show_run_problem()
+            else:
+                check.value = False  # as the setup has it: nothing to write
+
+        self.app.push_screen(ConfirmModal(f"Let the export replace what is in {out}? Only an earlier workbench export "
+                                          "is replaced; any other folder with files is refused before the run starts.",
+                                          "Replace it", "Keep it"), answer)
+
+    def _check_out_folder(self, path_text: str) -> None:
+        """Ask about an export folder that exists and holds files (a run would replace or refuse it)."""
+        path = Path(path_text.strip()).expanduser()
+        if not path_text.strip() or not path.is_dir() or not any(path.iterdir()) or path == self._confirmed_out:
+            return
+        if any(isinstance(s, ConfirmModal) for s in self.app.screen_stack):
+            return  # asked already (enter, then the focus leaving the field)
+        earlier = is_export(path)
+        what = "an earlier workbench export" if earlier else "files that are not a workbench export"
+        then = ("a run replaces it only with overwrite on" if earlier else "a run refuses to export there")
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self._confirmed_out = path  # asked once per folder
+            else:
+                self.query_one("#run-out", Input).value = ""
+
+        self.app.push_screen(ConfirmModal(f"{path} exists and holds {what}: {then}. Export there?", "Use it",
+                                          "Pick another"), answer)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "run-out":
+            self._check_out_folder(event.value)
+
+    def on_descendant_blur(self, event) -> None:
+        if getattr(event.widget, "id", None) == "run-out" and not getattr(self, "_filling", False):
+            self._check_out_folder(event.widget.value)
+
+    def _show_run_problem(self) -> None:
+        """The setup's first problem when it is about the Run settings tab; and what is at the export folder."""
+        problem = self.app.session.problem()
+        line = self.query_one("#run-problem", Static)
+        ours = problem is not None and problem.message.split(" ")[0].split(".")[0].split(":")[0] in (
+            "evaluate", "export", "name", "description", "reference")
+        line.update(problem_text(problem.message, problem.hint) if ours else "")
+        line.display = ours
+        session = self.app.session
+        self.query_one("#run-name", Input).placeholder = f"automatic: {session.run_name()}" if not session.named else ""
+        out = str(session.get("export.out") or "")
+        note = self.query_one("#run-out-note", Static)
+        path = Path(out).expanduser() if out else None
+        if not session.get("export.save", False):
+            note.update("not exported: Evaluate cannot measure the compressed model later")
+        elif path is not None and path.is_dir() and any(path.iterdir()):
+            earlier = is_export(path)
+            note.update(f"{out} holds an earlier workbench export: " + (
+                "overwrite is on, it is replaced" if session.get("export.overwrite", False) else
+                "turn overwrite on to replace it") if earlier else f"{out} holds other files: the run refuses to export there")
+        else:
+            note.update(f"exported to {out or 'the run folder'} in {session.get('export.dtype', 'auto')}")
+
 
     # ------------------------------------------------------------------ launching
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "eval-start":
             self.action_start()
+        elif event.button.id == "run-browse":
+            from .browse import FolderModal
+
+            def chosen(path: str | None) -> None:
+                if path:
+                    self.query_one("#run-out", Input).value = path
+                    self._check_out_folder(path)
+
+            self.app.push_screen(FolderModal(self.query_one("#run-out", Input).value,
+                                             title="Pick the folder the export goes to"), chosen)
 
     def action_start(self) -> None:
         """Queue an evaluation of the picked model with the form's settings."""
@@ -286,7 +535,7 @@ class EvaluateScreen(WorkbenchScreen):
 
     async def _submit(self, spec: dict, target: Target) -> None:
         # a worker that is still starting (a real one imports torch) must not hold up the screen
-        job = await self.app.submit("evaluate", spec, title=f"evaluate {target.title}")
+        job = await self.app.submit("evaluate", spec, title=target.what)
         if job is None:
             return
         if target.run_id is not None:
@@ -308,6 +557,7 @@ class EvaluateScreen(WorkbenchScreen):
             self._jobs_shown = shown
             options = self.query_one("#eval-jobs", OptionList)
             options.set_options(Option(f"{_ICONS.get(j.status, '?')} {j.title}", id=j.id) for j in jobs)
+            options.display = bool(jobs)  # an empty list is no place for the focus
             if self.selected is not None:
                 options.highlighted = options.get_option_index(self.selected)
         if self.selected in changes:
@@ -328,7 +578,7 @@ class EvaluateScreen(WorkbenchScreen):
         if key == self._table_key:
             return
         self._table_key = key
-        table = self.query_one("#eval-table", DataTable)
+        table = self.query_one("#eval-table", Table)
         table.clear()
         for m in job.metrics:
             table.add_row(*map(Text, metric_cells(m)))
@@ -345,7 +595,6 @@ class EvaluateScreen(WorkbenchScreen):
             self.attach(run_id, job, metrics)
 
     def attach(self, run_id: str, job, metrics: list[dict]) -> None:
-        from .history import open_history
 
         note = f"evaluation attached to run {run_id}: {job.spec.get('model', {}).get('name')} (evaluation run {job.run_id})"
         try:
@@ -362,7 +611,7 @@ _ICONS = {"queued": "…", "running": "▶", "finished": "✓", "failed": "✗",
 
 
 def progress_text(job) -> str:
-    """One line on where the job is: its current stage and count, or how it ended."""
+    """One line on where the job is: its current stage (naming what is evaluated) and count, or how it ended."""
     if job.status == "queued":
         return "queued: it starts when the worker is free"
     if job.status == "running":
@@ -371,7 +620,10 @@ def progress_text(job) -> str:
             return "starting"
         count = f" {stage.done}/{stage.total}" if stage.total else ""
         detail = f" ({stage.detail})" if stage.detail else ""
-        return f"{stage.title or stage.name}{detail}{count}"
+        title = stage.title or stage.name
+        if stage.name.startswith("evaluate:"):  # the worker's "Perplexity (dense)": a step-less spec to it
+            title = f"{title.split(' (')[0]} of {job.title}"
+        return f"{title}{detail}{count}"
     if job.status == "finished":
         took = human_seconds(job.ended - job.started) if job.ended and job.started else "--:--"
         return f"finished: {len(job.metrics)} result(s) in {took}"
@@ -380,10 +632,10 @@ def progress_text(job) -> str:
     return f"{text}\n{error['hint']}" if error.get("hint") else text
 
 
-def metric_cells(m: dict) -> tuple[str, str, str, str]:
-    """metric, dataset, value (± its standard error), bits per byte."""
+def metric_cells(m: dict) -> tuple[str, str, str, str, str]:
+    """metric, dataset, value (± its standard error), protocol (perplexity), bits per byte."""
     value = report.cell_text(m, None, True)
     if m.get("name") == "perplexity" and m.get("stderr") is not None:
         value += f" ±{m['stderr']:.2f}"  # cell_text leaves perplexity's spread out of the comparison table
     bpb = (m.get("extra") or {}).get("bits_per_byte")
-    return str(m.get("name")), str(m.get("dataset")), value, "" if bpb is None else f"{bpb:.4f}"
+    return str(m.get("name")), str(m.get("dataset")), value, protocol_text(m), "" if bpb is None else f"{bpb:.4f}"

@@ -20,46 +20,54 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.screen import Screen
-from textual.widgets import DataTable, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Static
 
 from workbench.errors import UserError, WorkbenchError
 from workbench.evaluation import report
 from workbench.files import write_text_atomic
-from workbench.history import History, RunRecord
+from workbench.history import RunRecord
 
 from .base import WorkbenchScreen
-from .charts import CurveChart
-from .widgets import KeyBar, PromptModal
+from .compare import CompareScreen
+from .widgets import ConfirmModal, PromptModal, Table, human_seconds
+from .records import open_history, steps_text
 
 PAGE = 200  # the newest runs listed
 RELOAD_AFTER = 5.0  # seconds: showing the screen again sooner keeps the table it has
 MARK = "✓"
-COLUMNS = (("mark", " "), ("name", "name"), ("status", "status"), ("steps", "steps"), ("sparsity", "sparsity"),
-           ("perplexity", "perplexity"), ("model", "model"), ("started", "started"), ("id", "id"))
-
-
-def open_history(app) -> History:
-    """The run history the app's workers record into (UserError when it cannot be opened)."""
-    path = getattr(app, "history_path", None)
-    return History(path) if path else History()
-
-
-def steps_text(record: RunRecord) -> str:
-    """The run's compression steps in a few words (``wanda 50%``), ``dense`` for a run without steps."""
-    labels = [s.get("label") or s.get("type", "?") for s in (record.summary or {}).get("steps") or []]
-    if not labels and record.spec.get("steps"):
-        from workbench.spec import spec_from_dict
-
-        try:
-            labels = [s.label() for s in spec_from_dict(copy.deepcopy(record.spec)).steps]
-        except UserError:  # a spec an older version wrote: its step types are still readable
-            labels = [str(s.get("type", "?")) for s in record.spec["steps"] if isinstance(s, dict)]
-    return ", ".join(labels) or "dense"
+# what matters first, so that 80 columns show it: the perplexities (with their protocol) before the run id and model
+COLUMNS = (("mark", " "), ("name", "name"), ("status", "status"), ("steps", "steps"),
+           ("perplexity", "perplexity (tok×win)"), ("sparsity", "sparsity"), ("started", "started"), ("id", "id"),
+           ("model", "model"))
+STATUS_STYLE = {"finished": "green", "running": "yellow", "failed": "red", "died": "bold red", "cancelled": "magenta"}
 
 
 def started_text(record: RunRecord) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created))
+    """``10:15`` today, ``01-15 10:15`` this year, ``2024-12-31 10:15`` before (short, so 120 columns show the id)."""
+    now, then = time.localtime(time.time()), time.localtime(record.created)
+    if now[:3] == then[:3]:
+        return time.strftime("%H:%M", then)
+    return time.strftime("%m-%d %H:%M" if now.tm_year == then.tm_year else "%Y-%m-%d %H:%M", then)
+
+
+def perplexity_cell(metrics: list[dict]) -> str:
+    """Each data set's perplexity, dense -> compressed (or a later evaluation), with its protocol:
+    ``wikitext2 30.00→60.00 (512×40)``; two protocols are both named."""
+    ppl: dict[tuple, dict] = {}
+    for m in metrics:
+        if m["name"] == "perplexity" and m.get("value") is not None:
+            ppl[(m["dataset"], m["phase"])] = m
+    parts = []
+    for ds in sorted({ds for ds, _ in ppl}):
+        before, after = ppl.get((ds, "before")), ppl.get((ds, "eval"), ppl.get((ds, "after")))
+        shown = [m for m in (before, after) if m is not None]
+        shape = [f"{m.get('seqlen') or '?'}×{m.get('windows') or '?'}" for m in shown]
+        if len(set(shape)) == 1:
+            values = "→".join(format(m["value"], ".2f") for m in shown)
+            parts.append(f"{ds} {values} ({shape[0]})")
+        else:
+            parts.append(f"{ds} " + "→".join(f"{m['value']:.2f} ({p})" for m, p in zip(shown, shape)))
+    return "; ".join(parts)
 
 
 class HistoryScreen(WorkbenchScreen):
@@ -71,7 +79,7 @@ class HistoryScreen(WorkbenchScreen):
         Binding("space", "mark", "Mark", id="history.mark"),
         Binding("c", "compare", "Compare", id="history.compare"),
         Binding("r", "rerun", "Re-run", id="history.rerun"),
-        Binding("e", "export", "Export spec", id="history.export"),
+        Binding("e", "export", "Export", id="history.export"),
     ]
 
     def __init__(self):
@@ -88,7 +96,7 @@ class HistoryScreen(WorkbenchScreen):
     def compose_body(self) -> ComposeResult:
         with Vertical(id="history-body"):
             yield Static("", id="history-status")
-            table = DataTable(id="history-table", cursor_type="row", zebra_stripes=True)
+            table = Table(id="history-table", cursor_type="row", zebra_stripes=True)
             for key, label in COLUMNS:
                 table.add_column(label, key=key)
             yield table
@@ -128,9 +136,9 @@ class HistoryScreen(WorkbenchScreen):
         rows = []
         for r in records:
             sparsity = report.step_sparsity(r)
-            rows.append((r.name, r.status, steps_text(r), "" if sparsity is None else f"{sparsity:.0%}",
-                         report.perplexity_text(metrics[r.id]), r.model or (r.spec.get("model") or {}).get("name", ""),
-                         started_text(r), r.id))
+            rows.append((r.name, r.status, steps_text(r), perplexity_cell(metrics[r.id]),
+                         "" if sparsity is None else f"{sparsity:.0%}", started_text(r), r.id,
+                         r.model or (r.spec.get("model") or {}).get("name", "")))
         self.records = records
         if rows != self._rows:  # the same runs as shown keep the table, its rendered lines and its marks
             self._rows = rows
@@ -139,11 +147,12 @@ class HistoryScreen(WorkbenchScreen):
 
     def _fill(self, rows: list[tuple]) -> None:
         table = self.query_one("#history-table", DataTable)
-        keep, ids = self.cursor_run(), {row[-1] for row in rows}
+        keep, ids = self.cursor_run(), {row[6] for row in rows}
         self.marked &= ids
         table.clear()
         for row in rows:
-            table.add_row(Text(MARK if row[-1] in self.marked else ""), *map(Text, row), key=row[-1])
+            cells = [Text(c, style=STATUS_STYLE.get(c, "") if i == 1 else "") for i, c in enumerate(row)]
+            table.add_row(Text(MARK if row[6] in self.marked else ""), *cells, key=row[6])
         if keep in ids:
             table.move_cursor(row=table.get_row_index(keep), animate=False)
 
@@ -223,13 +232,24 @@ class HistoryScreen(WorkbenchScreen):
         self.app.push_screen(screen)
 
     async def action_rerun(self) -> None:
-        """Load the run's settings into the setup and run them again."""
+        """Load the run's settings into the setup and run them again, after saying what that replaces and costs."""
         record = self.cursor_record()
         if record is None:
             return
-        self.app.session.load_spec(record.spec, record.name)
-        self.app.session_changed()
-        await self.app.action_run()
+        took = f"it took {human_seconds(record.finished - record.created)} last time" if record.finished else \
+            "how long it takes is not known (it never finished)"
+        edited = " Your setup's unsaved edits are lost." if self.app.session.edited else ""
+        busy = " It waits behind the job running now." if self.app.bridge.busy() else ""
+        question = (f"Replace the setup with the settings of {record.name} ({record.id}: {steps_text(record)}) and run "
+                    f"it again? One run; {took}.{busy}{edited}")
+
+        async def answer(yes: bool | None) -> None:
+            if yes:
+                self.app.session.load_spec(record.spec, record.name)
+                self.app.session_changed()
+                await self.app.action_run()
+
+        self.app.push_screen(ConfirmModal(question, "Run it", "Not now"), answer)
 
     def action_export(self) -> None:
         """Save the run's settings as a preset file (TOML) that ``workbench run`` and the Presets screen read."""
@@ -263,39 +283,3 @@ class HistoryScreen(WorkbenchScreen):
         default = record.name.replace("/", "-").replace("\\", "-") or "run"
         self.app.push_screen(PromptModal(f"Save the settings of {record.name} ({record.id}) as a preset file:",
                                          f"{default}.toml"), write)
-
-
-class CompareScreen(Screen):
-    """Runs side by side: ``workbench compare``'s table (metrics as rows, deltas against the dense baseline) and charts."""
-
-    CSS_PATH = "history.tcss"
-    BINDINGS = [Binding("escape", "app.pop_screen", "Back", id="compare.close")]
-
-    def __init__(self, runs: list[tuple]):
-        """``runs``: (RunRecord, metrics) pairs, in column order after the baseline; UserError when empty."""
-        super().__init__(id="compare")
-        self.columns = report.columns(runs)
-        self.header, self.body = report.table_cells(self.columns)
-        self.series = report.chart_series(self.columns)
-
-    def compose(self) -> ComposeResult:
-        names = escape(", ".join(c.label for c in self.columns))
-        yield Static(f"[b]Compare[/] {names}  [dim](deltas against the first column)[/]", id="compare-title")
-        table = DataTable(id="compare-table", cursor_type="row", zebra_stripes=True)
-        for i, label in enumerate(self.header):
-            table.add_column(label, key=str(i))
-        table.add_rows([list(map(Text, row)) for row in self.body])
-        yield table
-        with TabbedContent(id="compare-charts"):
-            for name in ("perplexity", "accuracy"):
-                if name in self.series or name == "perplexity":
-                    with TabPane(f"{name} against sparsity", id=f"compare-tab-{name}"):
-                        yield CurveChart(id=f"compare-{name}")
-        yield KeyBar()
-
-    def on_mount(self) -> None:
-        for name in ("perplexity", "accuracy"):
-            charts = self.query(f"#compare-{name}")
-            if charts:
-                charts.first(CurveChart).update_series(self.series.get(name, {}), title=f"{name} against sparsity",
-                                                       xlabel="sparsity", ylabel=name)

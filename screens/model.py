@@ -24,7 +24,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import Button, Checkbox, DataTable, Input, Label, Select, Static, TabbedContent, TabPane
+from textual.widgets import Button, Checkbox, Input, Label, Select, Static, TabbedContent, TabPane
 
 from workbench.errors import UserError, WorkbenchError
 from workbench.model_source import looks_like_path
@@ -34,7 +34,7 @@ from .base import WorkbenchScreen
 from .browse import FolderModal, folder_note, local_model_problem
 from .session import Backend
 from .stepforms import problem_text
-from .widgets import ConfirmModal, human_bytes
+from .widgets import Check, ConfirmModal, Table, human_bytes
 
 SOURCES = (("demo", "demo model"), ("local", "local folder"), ("hub", "hub id"))
 NAME_PLACEHOLDER = {"local": "/path/to/model (a folder with config.json)", "hub": "org/name, e.g. meta-llama/Llama-2-7b-hf"}
@@ -110,24 +110,34 @@ def worker_text(w) -> str:
     return "\n".join(lines)
 
 
-def memory_lines(memory: dict, nsamples: int, seqlen: int | None) -> list[tuple[str, str, str]]:
-    """(what, amount, note) rows of the memory a run needs, for ``nsamples`` calibration samples of ``seqlen`` tokens.
+def memory_text(result: dict, session, devices: list[dict]) -> Text:
+    """What a run of the setup needs (``workbench.memory_estimate``, as ``workbench validate`` computes it) and
+    what of it the worker's machine cannot hold."""
+    from workbench.memory_estimate import Machine, ModelSize, check, estimate
 
-    The worker reports activations at ``memory.seqlen``; they grow linearly
-    with the sequence length, so another calibration seqlen scales them.
-    """
-    measured = memory.get("seqlen") or 0
-    seqlen = seqlen or measured
-    per_sample = memory.get("activations_per_sample") or 0
-    if measured and seqlen != measured:
-        per_sample = per_sample * seqlen // measured
-    dtype = memory.get("dtype", "?")
-    return [
-        ("weights", human_bytes(memory.get("weights")), f"{dtype}, held in host memory"),
-        ("largest layer", human_bytes(memory.get("largest_layer")), "on the device during layer-by-layer work"),
-        ("activations", human_bytes(per_sample * nsamples),
-         f"{human_bytes(per_sample)} per sample × {nsamples} samples of {seqlen} tokens"),
-    ]
+    size = ModelSize.from_inspect(result)
+    text = Text("Memory a run needs\n", style="bold")
+    if size is None:
+        return text.append("the worker did not report the model's sizes", style="dim")
+    nsamples, seqlen = session.get("calibration.nsamples", 128), session.get("calibration.seqlen")
+    nsamples = nsamples if isinstance(nsamples, int) and nsamples > 0 else 128  # a value being typed may not be a size yet
+    seqlen = seqlen if isinstance(seqlen, int) and seqlen > 1 else None
+    offload = session.get("calibration.offload_activations", False) is True
+    e = estimate(size, nsamples, seqlen, offload)
+    for what, amount, note in e.rows():
+        text.append(f"{what:<14}{human_bytes(amount):>10}  ", style="not bold")
+        text.append(f"{note}\n", style="dim")
+    device = str(result.get("device") or session.get("model.device", "auto"))
+    findings = check(size, Machine.from_devices(devices), nsamples=nsamples, seqlen=seqlen, offload=offload,
+                     device="cpu" if device == "cpu" else session.get("model.device", "auto"),
+                     eval_seqlen=session.get("evaluate.seqlen"))
+    for f in findings:
+        mark, style = ("✗ cannot run: ", "bold red") if f.level == "problem" else ("⚠ ", "yellow")
+        text.append(mark + f.message + "\n", style=style)
+        if f.hint:
+            text.append(f"  what to do: {f.hint}\n", style="dim")
+    text.rstrip()
+    return text
 
 
 class ModelScreen(WorkbenchScreen):
@@ -152,7 +162,7 @@ class ModelScreen(WorkbenchScreen):
         dtype = dtype if dtype in DTYPES else Select.NULL  # blank for a value that is not a dtype (the validator names it)
         with TabbedContent(id="model-tabs"):
             with TabPane("Model", id="tab-model"):
-                with VerticalScroll(classes="form"):
+                with VerticalScroll(classes="form", can_focus=False):  # its fields take the focus
                     yield from self._line("Source", Select([(t, k) for k, t in SOURCES], value=self.kind, allow_blank=False,
                                                            compact=True, id="model-source"))
                     browse = f"Browse ({self.app.key_for('model.browse', 'ctrl+o')})"
@@ -165,11 +175,11 @@ class ModelScreen(WorkbenchScreen):
                     yield from self._line("Device", Input(placeholder="auto | cpu | cuda | cuda:N", compact=True,
                                                           id="model-device"))
                     yield Static("", id="problem-device", classes="problem")
-                    yield from self._line("", Checkbox("trust_remote_code", compact=True, id="model-trust"))
+                    yield from self._line("", Check("trust_remote_code", compact=True, id="model-trust"))
                     yield Static("", id="problem-trust", classes="problem")
                     yield Static(TRUST_WARNING, id="trust-warning", classes="warning")
             with TabPane("Backend", id="tab-backend"):
-                with VerticalScroll(classes="form"):
+                with VerticalScroll(classes="form", can_focus=False):  # its fields take the focus
                     yield from self._line("Where", Input(placeholder="local or ssh://[user@]host[:port]", compact=True,
                                                          id="backend-where"))
                     yield from self._line("GPUs", Input(placeholder="inherit; 0 | 0,1 | 0+1", compact=True, id="backend-gpus"))
@@ -180,12 +190,12 @@ class ModelScreen(WorkbenchScreen):
                     yield Static("", id="workers")
                     yield Static(BACKEND_HELP, id="backend-help", classes="note")
             with TabPane("Inspect", id="tab-inspect"):
-                with VerticalScroll(classes="form"):
+                with VerticalScroll(classes="form", can_focus=False):  # its fields take the focus
                     with Horizontal(classes="line"):
                         yield Button(f"Inspect ({self.app.key_for('model.inspect', 'ctrl+l')})", compact=True, id="inspect")
                         yield Static("", id="inspect-status")
                     yield Static("", id="inspect-summary")
-                    yield DataTable(id="inspect-linears", cursor_type="row", zebra_stripes=True)
+                    yield Table(id="inspect-linears", cursor_type="row", zebra_stripes=True)
                     yield Static("", id="inspect-memory")
 
     @staticmethod
@@ -195,7 +205,7 @@ class ModelScreen(WorkbenchScreen):
             yield from widgets
 
     def on_mount(self) -> None:  # the frame's on_mount runs too (Textual calls every class's handler)
-        table = self.query_one("#inspect-linears", DataTable)
+        table = self.query_one("#inspect-linears", Table)
         table.add_columns("linear (layer 0)", "out", "in", "parameters")
         table.display = False
 
@@ -268,9 +278,7 @@ class ModelScreen(WorkbenchScreen):
             self.kind = event.value
             name = "demo" if self.kind == "demo" else self.typed.get(self.kind, "")
             self._set(self.query_one("#model-name", Input), name)
-            self._edit("model.name", name, "demo")
-            if self.kind != "demo":
-                self.query_one("#model-name", Input).focus()
+            self._edit("model.name", name, "demo")  # the focus stays on the choice: tab goes on to the name
         elif event.select.id == "model-dtype" and event.value is not Select.NULL:
             self._edit("model.dtype", event.value, "auto")
 
@@ -386,7 +394,7 @@ class ModelScreen(WorkbenchScreen):
         job = self.app.state.latest("inspect")
         status = self.query_one("#inspect-status", Static)
         summary = self.query_one("#inspect-summary", Static)
-        table = self.query_one("#inspect-linears", DataTable)
+        table = self.query_one("#inspect-linears", Table)
         memory = self.query_one("#inspect-memory", Static)
         result = job.result if job is not None and job.status == "finished" else None
         summary.loading = job is not None and job.active
@@ -421,16 +429,8 @@ class ModelScreen(WorkbenchScreen):
         for name, shape in (result.get("layer0_linears") or {}).items():
             out, inp = shape
             table.add_row(name, f"{out:,}", f"{inp:,}", f"{out * inp:,}", key=name)
-        session = self.app.session
-        nsamples, seqlen = session.get("calibration.nsamples", 128), session.get("calibration.seqlen")
-        rows = memory_lines(result.get("memory") or {},  # a value being typed may not be a valid size yet
-                            nsamples if isinstance(nsamples, int) and nsamples > 0 else 128,
-                            seqlen if isinstance(seqlen, int) and seqlen > 1 else None)
-        text = Text("Memory a run needs\n", style="bold")
-        for what, amount, note in rows:
-            text.append(f"{what:<14}{amount:>10}  ", style="not bold")
-            text.append(f"{note}\n", style="dim")
-        memory.update(text)
+        worker = self.app.state.workers.get(job.worker) or next(iter(self.app.state.workers.values()), None)
+        memory.update(memory_text(result, self.app.session, worker.devices if worker else []))
 
     # ------------------------------------------------------------ state -> widgets
     def on_state(self, changes: set[str]) -> None:

@@ -23,7 +23,7 @@ from workbench.errors import UserError
 from workbench.spec import RunSpec, load_preset_data, spec_from_dict
 
 from .base import WorkbenchScreen
-from .widgets import PromptModal
+from .browse import FolderModal
 
 
 def study_command(name: str) -> str:
@@ -82,8 +82,9 @@ class PresetsScreen(WorkbenchScreen):
                 yield Static("", id="current-setup")
                 yield Static("", id="preset-preview")
 
-    def on_mount(self) -> None:
-        super().on_mount()
+    def on_mount(self) -> None:  # the frame's on_mount runs too (Textual calls every class's handler)
+        self.query_one("#current-setup").border_title = "Your setup: what ctrl+r runs"
+        self.query_one("#preset-preview").border_title = "The highlighted preset (not loaded)"
         self._fill_list()
 
     def _fill_list(self) -> None:
@@ -115,13 +116,18 @@ class PresetsScreen(WorkbenchScreen):
     def on_session(self) -> None:
         session = self.app.session
         problem = session.problem()
-        where = session.preset or "edited setup"
+        origin = f"from preset {session.preset}" if session.preset else "from a run in the history"
+        edited = ", edited" if session.edited else ""
         state = (("not valid yet: ", "red"), problem.message) if problem else ("valid",)
-        self.query_one("#current-setup", Static).update(Text.assemble(("Current setup: ", "bold"), f"{where} (", *state, ")"))
+        self.query_one("#current-setup", Static).update(Text.assemble(
+            (session.run_name(), "bold"), f" ({origin}{edited}; ", *state, ")"))
+        self.query_one("#current-setup").border_title = f"Your setup: what {self.app.key_for('run.start', 'ctrl+r')} runs"
 
     def _preview(self, name: str | None) -> None:
         preview = self.query_one("#preset-preview", Static)
         data = self.presets.get(name or "")
+        loaded = name == self.app.session.preset and not self.app.session.edited
+        preview.border_title = f"Preset {name}" + (" (loaded: your setup)" if loaded else " (not loaded)") if name else ""
         if data is None:
             preview.update("")
             return
@@ -197,4 +203,4 @@ class PresetsScreen(WorkbenchScreen):
             if self.app.open_preset(path, guided=False):
                 self.notify(f"loaded {path}", timeout=5)
 
-        self.app.push_screen(PromptModal("Open a preset or study file (a .toml path):", placeholder="~/recipes/my-recipe.toml"), opened)
+        self.app.push_screen(FolderModal("", suffix=".toml", title="Open a preset or study file (.toml)"), opened)

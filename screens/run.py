@@ -19,8 +19,9 @@ from textual.widgets import ContentSwitcher, DataTable, ProgressBar, RichLog, St
 
 from .base import WorkbenchScreen
 from .charts import LayerChart, TrialChart
+from .protocol import protocol_text
 from .state import JobState, WorkerState
-from .widgets import human_bytes, human_seconds
+from .widgets import ConfirmModal, human_bytes, human_seconds
 
 STATUS_STYLE = {"queued": "yellow", "running": "green", "finished": "green", "failed": "red", "cancelled": "yellow"}
 LOG_STYLE = {"stage": "bold", "warning": "yellow", "error": "bold red", "debug": "dim"}
@@ -44,14 +45,20 @@ def planned_trials(job: JobState, stage: str) -> int | None:
 
 
 def metric_lines(metrics: list[dict]) -> list[str]:
-    """One line per (metric, dataset): ``wikitext2 perplexity 30.00 → 60.00``; accuracies with their stderr."""
+    """One line per (metric, dataset): ``wikitext2 perplexity 30.00 → 60.00 (512 tok × 40 win)``, a perplexity with
+    its protocol (each phase's when they differ); accuracies with their stderr."""
     groups: dict[tuple, dict[str, dict]] = {}
     for m in metrics:
         groups.setdefault((m.get("name"), m.get("dataset")), {})[m.get("phase") or "after"] = m
     lines = []
     for (name, dataset), phases in groups.items():
-        shown = [fmt_metric(phases[p]) for p in ("before", "after") if p in phases]
-        lines.append(f"{dataset} {name} " + " → ".join(shown))
+        shown = [phases[p] for p in ("before", "after") if p in phases]
+        protocols = {protocol_text(m) for m in shown}
+        if len(protocols) > 1:
+            lines.append(f"{dataset} {name} " + " → ".join(f"{fmt_metric(m)} ({protocol_text(m)})" for m in shown))
+        else:
+            line = f"{dataset} {name} " + " → ".join(fmt_metric(m) for m in shown)
+            lines.append(line + (f" ({protocols.pop()})" if protocols and next(iter(protocols)) else ""))
     return lines
 
 
@@ -64,18 +71,36 @@ def fmt_metric(m: dict) -> str:
 
 
 def memory_text(worker: WorkerState | None) -> str:
-    """The worker's GPUs and host: used / total, from its latest memory report."""
+    """What the worker holds (its resident memory, its memory on each GPU) and what the machine has in all."""
     if worker is None or not worker.devices:
         return "memory: no report from the worker yet"
-    parts = []
+    held, machine = [], []
     for d in worker.devices:
-        total, free = d.get("total"), d.get("free")
-        used = total - free if total is not None and free is not None else None
-        name = "host" if d.get("kind") == "cpu" else d.get("name", "GPU")
-        parts.append(f"{name} {human_bytes(used)} / {human_bytes(total)}")
-    gpus = [p for p, d in zip(parts, worker.devices) if d.get("kind") == "cuda"]
-    host = [p for p, d in zip(parts, worker.devices) if d.get("kind") == "cpu"]
-    return "memory used: " + " · ".join(gpus + host)
+        name = "RAM" if d.get("kind") == "cpu" else str(d.get("name", "GPU"))
+        process = d.get("process")
+        if process is not None:
+            held.append(f"{human_bytes(process)} {'RSS' if name == 'RAM' else 'on ' + name}")
+        machine.append(f"{name} {human_bytes(d.get('total'))} ({human_bytes(d.get('free'))} free)")
+    worker_part = f"worker {', '.join(held)} · " if held else ""
+    return f"memory: {worker_part}machine {', '.join(machine)}"
+
+
+def search_step(spec: dict) -> int | None:
+    """The index of the spec's low-rank step with a rank search, if any."""
+    for i, step in enumerate(spec.get("steps") or []):
+        if isinstance(step, dict) and step.get("type") == "lowrank" and step.get("allocation") == "search":
+            return i
+    return None
+
+
+def search_marker(run_id: str | None):
+    """Where a run's rank search says its study is (its folder on this machine), or None when it has none here."""
+    from workbench.history import workbench_home
+
+    if not run_id:
+        return None
+    marker = workbench_home() / "runs" / run_id / "search" / "study.json"
+    return marker if marker.is_file() else None
 
 
 class RunScreen(WorkbenchScreen):
@@ -85,6 +110,7 @@ class RunScreen(WorkbenchScreen):
     BINDINGS = [
         Binding("c", "cancel_run", "Cancel", id="run.cancel"),
         Binding("v", "toggle_view", "Trials/layers", id="run.view"),
+        Binding("r", "resume", "Resume search", id="run.resume"),
     ]
 
     def __init__(self):
@@ -133,14 +159,21 @@ class RunScreen(WorkbenchScreen):
 
     # ------------------------------------------------------------ repaint
     def on_session(self) -> None:
-        if self._job_id is None:
+        if self.shown_job() is None:
+            self._job_id = None
             self._show_ready()
 
     def shown_job(self) -> JobState | None:
-        """The run being worked on, else the latest run (a run queued behind another waits its turn to show)."""
+        """The run being worked on, else the latest run (a run queued behind another waits its turn to show); an
+        ended run from before the setup was last replaced (a preset, a guided walk) gives way to the new setup."""
         state = self.app.state
         running = [j for j in state.jobs.values() if j.kind == "run" and j.status == "running"]
-        return max(running, key=lambda j: j.submitted) if running else state.latest("run")
+        if running:
+            return max(running, key=lambda j: j.submitted)
+        latest = state.latest("run")
+        if latest is not None and not latest.active and latest.submitted < self.app.session.loaded_at:
+            return None
+        return latest
 
     def on_state(self, changes: set[str]) -> None:
         job = self.shown_job()
@@ -172,12 +205,23 @@ class RunScreen(WorkbenchScreen):
         key = self.app.key_for("run.start", "ctrl+r")
         problem = self.app.session.problem()
         if problem is not None:
-            ready.update(f"[b]No run yet.[/] The setup is not valid yet: {escape(problem.message)}\n"
-                         + (f"What to do: {escape(problem.hint)}\n" if problem.hint else "")
-                         + "Fix it on the Model, Calibration or Compression screen.")
+            text = (f"[b]No run yet.[/] The setup is not valid yet: {escape(problem.message)}\n"
+                    + (f"What to do: {escape(problem.hint)}\n" if problem.hint else "")
+                    + "Fix it on the Model, Calibration or Compression screen.")
         else:
-            ready.update(f"[b]Ready to run[/]\n{escape(self.app.session.spec().summary())}\n\n"
-                         f"Press [b]{escape(key)}[/] to run it.")
+            spec = self.app.session.spec()
+            e, x = spec.evaluate, spec.export
+            measures = ", ".join(e.perplexity) + (f" ({e.limit} windows)" if e.limit else " (every window)") \
+                if e.perplexity else "no perplexity"
+            keeps = f"exported to {x.out or 'the run folder'}" if x.save else "not exported"
+            text = (f"[b]Ready to run[/] {escape(spec.name)}\n{escape(spec.summary())}\n"
+                    f"measures {escape(measures)} · model {escape(keeps)} "
+                    f"[dim](Evaluate › Run settings)[/]\n\nPress [b]{escape(key)}[/] to run it.")
+        last = self.app.state.latest("run")
+        if last is not None and not last.active:
+            history = self.app.key_for("screen.history", "6")
+            text += f"\n\n[dim]The last run ({escape(last.title)}, {last.status}) is in History ({escape(history)}).[/]"
+        ready.update(text)
 
     def _start(self, job: JobState) -> None:
         """A new run: empty every pane and forget what was drawn for the previous one."""
@@ -189,8 +233,13 @@ class RunScreen(WorkbenchScreen):
         self.query_one("#best-table", DataTable).clear()
         self.query_one("#run-log", RichLog).clear()
         self.query_one("#trial-summary", Static).update("")
-        self.query_one(LayerChart).update_layers([])
-        self.query_one(TrialChart).update_trials([])
+        index = search_step(job.spec)
+        first = next((st for st in job.spec.get("steps") or [] if isinstance(st, dict)), {})
+        if first.get("type") == "lowrank":
+            self.query_one(LayerChart).update_layers([], title="rank ratio per layer", ylabel="retained")
+        else:
+            self.query_one(LayerChart).update_layers([])
+        self.query_one(TrialChart).update_trials([], waiting="waiting for the first trial" if index is not None else None)
         self._switch_view(job)
 
     def _paint_header(self, job: JobState) -> None:
@@ -214,13 +263,17 @@ class RunScreen(WorkbenchScreen):
         row = self.query_one("#stage-row")
         row.display = job.active and stage is not None
         if row.display:
-            total = stage.total or 1
-            units = min(stage.done, total) if stage.total else int(stage.finished)  # no total: empty until it ends
             self.query_one("#stage-label", Static).update(escape(stage.title or stage.name))
-            self.query_one("#stage-bar", ProgressBar).update(total=total, progress=units)
-            count = f"{stage.done}/{stage.total} " if stage.total else ""
+            bar = self.query_one("#stage-bar", ProgressBar)
             detail = f"{stage.detail} " if stage.detail else ""
-            self.query_one("#stage-eta", Static).update(escape(f"{count}{detail}ETA {human_seconds(stage.eta(now))}"))
+            if stage.total:
+                bar.update(total=stage.total, progress=min(stage.done, stage.total))
+                self.query_one("#stage-eta", Static).update(
+                    escape(f"{stage.done}/{stage.total} {detail}ETA {human_seconds(stage.eta(now))}"))
+            else:  # a stage that counts nothing (building calibration data): a moving bar and the time it has taken
+                if bar.total is not None:
+                    bar.update(total=None)
+                self.query_one("#stage-eta", Static).update(escape(f"{detail}{human_seconds(now - stage.started)} so far"))
         workers = self.app.state.workers
         worker = workers.get(job.worker) or next(iter(workers.values()), None)
         self.query_one("#run-memory", Static).update(escape(memory_text(worker)))
@@ -286,6 +339,17 @@ class RunScreen(WorkbenchScreen):
             for name, value in (best.get("params") or {}).items():
                 table.add_row(name, f"{value:.3f}" if isinstance(value, float) else str(value))
 
+    def on_resize(self, event) -> None:
+        # the log's lines are wrapped at the width they were written at: write them again at the new width
+        job = self.app.state.jobs.get(self._job_id or "")
+        if job is not None:
+            self.call_after_refresh(self._rewrite_log, job)
+
+    def _rewrite_log(self, job: JobState) -> None:
+        self.query_one("#run-log", RichLog).clear()
+        self._log_seen = job.logs.appended - len(job.logs)
+        self._paint_log(job)
+
     def _paint_log(self, job: JobState) -> None:
         fresh = job.logs.since(self._log_seen)
         self._log_seen = job.logs.appended
@@ -311,6 +375,10 @@ class RunScreen(WorkbenchScreen):
         elif job.status == "cancelled":
             lines = [f"[b yellow]cancelled[/]{run}",
                      f"The events up to the cancel are in History ([b]{escape(history)}[/])."]
+            if search_step(job.spec) is not None:
+                lines.append(f"[b]{escape(self.app.key_for('run.resume', 'r'))}[/] resumes its search: the finished "
+                             "trials are kept" if search_marker(job.run_id) else
+                             f"resume it where it ran: workbench search --resume {escape(job.run_id or '')}")
         else:
             error = job.error or {}
             what = FAILURE.get(error.get("kind") or "", "the run failed")
@@ -323,24 +391,57 @@ class RunScreen(WorkbenchScreen):
     # ------------------------------------------------------------ views and actions
     def _switch_view(self, job: JobState) -> None:
         """Trials while a search runs and no layer is done yet, else layers (unless the user chose)."""
-        view = self._view or ("trials" if job.trials and not job.layers else "layers")
+        searching = bool(job.trials) or search_step(job.spec) is not None
+        view = self._view or ("trials" if searching and not job.layers else "layers")
         self.query_one("#run-charts", ContentSwitcher).current = "trial-pane" if view == "trials" else "layer-chart"
         self.query_one("#run-tables", ContentSwitcher).current = "best-table" if view == "trials" else "layer-table"
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
         job = self.app.state.jobs.get(self._job_id or "")
-        if action == "cancel_run":
-            return True if job is not None and job.active else None
-        if action == "toggle_view":
-            return job is not None and bool(job.trials)
-        return True
+        if action == "cancel_run":  # hidden, not greyed out, when nothing runs
+            return job is not None and job.active
+        if action == "toggle_view":  # a run with a search step has both views from its start
+            return job is not None and (bool(job.trials) or search_step(job.spec) is not None)
+        if action == "resume":
+            return job is not None and self.resumable(job)
+        return super().check_action(action, parameters)
+
+    def resumable(self, job: JobState) -> bool:
+        return job.status in ("cancelled", "failed") and search_step(job.spec) is not None and \
+            search_marker(job.run_id) is not None
+
+    async def action_resume(self) -> None:
+        """Run a cancelled search again in its study, as ``workbench search --resume RUN`` does: its finished
+        trials are kept and only the rest run."""
+        import copy
+        import json
+
+        job = self.app.state.jobs.get(self._job_id or "")
+        if job is None or not self.resumable(job):
+            return
+        study = json.loads(search_marker(job.run_id).read_text())
+        spec = copy.deepcopy(job.spec)
+        step = spec["steps"][search_step(spec)]
+        step["storage"], step["study"] = study["storage"], study["study"]
+        trials = len(job.trials.get(next(reversed(job.trials), ""), [])) if job.trials else 0
+        total = step.get("trials")
+
+        async def answer(yes: bool | None) -> None:
+            if yes:
+                if await self.app.submit("run", spec, title=f"{job.title} (resumed)") is not None:
+                    self.app.switch_mode("run")
+
+        self.app.push_screen(ConfirmModal(f"Resume the search of {job.title} ({job.run_id})? One run: {trials} trial(s) "
+                                          f"are kept, {max(0, (total or 0) - trials) if total else 'the rest'} run, "
+                                          "then the best allocation is applied and evaluated.", "Resume", "Not now"),
+                             answer)
 
     async def action_cancel_run(self) -> None:
         await self.app.action_cancel()
 
     def action_toggle_view(self) -> None:
         job = self.app.state.jobs.get(self._job_id or "")
-        if job is None or not job.trials:
+        if job is None or not (job.trials or search_step(job.spec) is not None):
             return
         current = self.query_one("#run-charts", ContentSwitcher).current
         self._view = "layers" if current == "trial-pane" else "trials"

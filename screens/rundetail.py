@@ -19,14 +19,15 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Static, TabbedContent, TabPane
+from textual.widgets import Static, TabbedContent, TabPane
 
 from workbench.errors import UserError, WorkbenchError
 from workbench.evaluation import report
 from workbench.history import History, RunRecord
 
 from .charts import LayerChart
-from .widgets import KeyBar, human_seconds
+from .protocol import protocol_text
+from .widgets import KeyBar, Table, human_seconds
 
 
 @dataclass
@@ -91,11 +92,11 @@ class RunDetailScreen(Screen):
             with TabPane("Summary", id="detail-tab-summary"):
                 with VerticalScroll(id="detail-summary"):
                     yield Static("", id="detail-error", markup=False)
-                    yield DataTable(id="detail-metrics", cursor_type="row", zebra_stripes=True)
+                    yield Table(id="detail-metrics", cursor_type="row", zebra_stripes=True)
                     yield Static("", id="detail-artifacts", markup=False)
             with TabPane("Layers", id="detail-tab-layers"):
                 yield LayerChart(id="detail-chart")
-                yield DataTable(id="detail-layers", cursor_type="row", zebra_stripes=True)
+                yield Table(id="detail-layers", cursor_type="row", zebra_stripes=True)
             with TabPane("Settings", id="detail-tab-spec"):
                 with VerticalScroll(id="detail-spec-scroll"):
                     yield Static("", id="detail-spec", markup=False)
@@ -131,14 +132,15 @@ class RunDetailScreen(Screen):
             error.update(f"{r.error.get('kind') or 'failed'}: {r.error.get('message')}"
                          + (f"\nWhat to do: {r.error['hint']}" if r.error.get("hint") else ""))
             error.display = True
-        metrics = self.query_one("#detail-metrics", DataTable)
-        metrics.add_columns("phase", "metric", "value", "bits/byte")
+        metrics = self.query_one("#detail-metrics", Table)
+        metrics.add_columns("phase", "metric", "value", "protocol", "bits/byte")
         for m in detail.metrics:
             bpb = (m.get("extra") or {}).get("bits_per_byte")
             metrics.add_row(*map(Text, (m["phase"], report.row_label((m["name"], m["dataset"]), m),
-                                        report.cell_text(m, None, True), "" if bpb is None else f"{bpb:.4f}")))
+                                        report.cell_text(m, None, True), protocol_text(m),
+                                        "" if bpb is None else f"{bpb:.4f}")))
         if not detail.metrics:
-            metrics.add_row("", "no metrics recorded", "", "")
+            metrics.add_row("", "no metrics recorded", "", "", "")
         found = [f"{a['kind']}: {a['path']}" for a in detail.artifacts]
         if r.out_dir:
             found.append(f"run folder: {r.out_dir}")
@@ -148,7 +150,7 @@ class RunDetailScreen(Screen):
         chart.display = bool(detail.layers)
         chart.update_layers(self.layer_values, total=len(self.layer_values) or None, target=target,
                             title=f"sparsity per layer: {detail.step}")
-        layers = self.query_one("#detail-layers", DataTable)
+        layers = self.query_one("#detail-layers", Table)
         layers.add_columns("layer", "sparsity", "target", "seconds")
         if not detail.layers:
             layers.add_row("", "no per-layer results (a run without compression steps, or one that ended before them)", "", "")

@@ -9,6 +9,7 @@ would. No torch, no Textual.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from workbench.errors import UserError
 from workbench.model_source import model_problem
 from workbench.files import write_text_atomic
 from workbench.spec import RunSpec, check_guide, load_preset_data, spec_from_dict, spec_to_toml
+from workbench.spec.validate import build_step
 
 DEFAULT_PRESET = "quickstart"
 SCREEN_ORDER = ("model", "calibration", "compression", "run")  # the guided walk
@@ -80,6 +82,10 @@ class Session:
         self.preset: str | None = None
         self.guide: Guide | None = None
         self.revision = 0  # bumped by every change, so screens know when to re-read
+        self.loaded_at = 0.0  # time.time() of the last preset or spec loaded: runs before it belong to another setup
+        self.saved_revision = 0  # the revision last loaded or saved: edits after it are lost on quit
+        self.named = False  # the user gave the run a name; else runs are named from the setup
+        self._loaded: dict = {}  # the setup as loaded, to tell an edited one
         if preset:
             self.load_preset(preset)
 
@@ -95,19 +101,50 @@ class Session:
         self.data, self.preset = data, name_or_path
         self.guide = Guide(name_or_path, data.get("description", ""), data.get("reference", ""),
                            {k: str(v) for k, v in notes.items()}) if guided else None
-        self.touch()
+        self._loaded_now()
 
     def load_spec(self, spec: dict, name: str | None = None) -> None:
         """Replace the setup with a spec dict (e.g. a run from the history)."""
         self.data, self.preset, self.guide = copy.deepcopy(spec), name, None
+        self._loaded_now()
+
+    def _loaded_now(self) -> None:
+        self.touch()
+        self.loaded_at, self.saved_revision, self.named = time.time(), self.revision, False
+        self._loaded = copy.deepcopy(self.data)
+
+    @property
+    def edited(self) -> bool:
+        """Whether the setup changed since it was loaded or saved (quitting would lose those edits)."""
+        return self.revision != self.saved_revision and self.data != self._loaded
+
+    def run_name(self) -> str:
+        """The name a run of the setup gets: the user's, else the preset's while unedited, else one from the setup."""
+        name = self.data.get("name")
+        if self.named and isinstance(name, str) and name.strip():
+            return name.strip()
+        unedited = {k: v for k, v in self.data.items() if k != "name"} == {k: v for k, v in self._loaded.items() if k != "name"}
+        if unedited and self._loaded.get("name"):
+            return str(self._loaded["name"])
+        return setup_name(self.data)
+
+    def set_name(self, name: str) -> None:
+        """Name the runs of the setup; a blank name names them from the setup again."""
+        self.named = bool(name.strip())
+        if self.named:
+            self.data["name"] = name.strip()
+        else:
+            self.data.pop("name", None)
         self.touch()
 
     def touch(self) -> None:
         self.revision += 1
 
     def spec(self) -> RunSpec:
-        """The validated spec; raises the validator's UserError, or the engine's for a local model folder that cannot load."""
+        """The validated spec, named by ``run_name``; raises the validator's UserError, or the engine's for a local
+        model folder that cannot load."""
         spec = spec_from_dict(copy.deepcopy(self.data))
+        spec.name = self.run_name()
         if self.backend.where == "local":  # the worker reads this machine's folders
             problem = model_problem(spec.model.name)
             if problem is not None:
@@ -126,13 +163,24 @@ class Session:
         return spec_to_toml(self.spec())
 
     def save_preset(self, path: str | Path) -> Path:
-        """Write the (valid) setup as a preset file, atomically (missing folders are made); returns the path."""
+        """Write the (valid) setup as a preset file, atomically (missing folders are made); returns the path.
 
-        text = self.to_toml()
-        path = Path(path).expanduser()
+        A setup the user did not name takes the file's name, as a shipped preset's name is its file's.
+        """
+
+        path = Path(str(path).strip()).expanduser()
+        if not path.name or path.name in (".", "..", ".toml"):
+            raise UserError("the preset needs a file name", "type a name such as my-recipe.toml")
         if path.suffix != ".toml":
-            path = path.with_suffix(".toml")
-        write_text_atomic(path, text)
+            path = path.with_name(path.name + ".toml")
+        spec = self.spec()
+        if not self.named:
+            spec.name = path.stem
+        write_text_atomic(path, spec_to_toml(spec))
+        self.data["name"] = spec.name
+        self.named = True  # the file's name is the setup's name from now on
+        self.saved_revision = self.revision = self.revision + 1
+        self._loaded = copy.deepcopy(self.data)
         return path
 
     # ---------------------------------------------------------------- editing
@@ -182,6 +230,19 @@ class Session:
         steps.insert(target, steps.pop(index))
         self.touch()
         return target
+
+
+def setup_name(data: dict) -> str:
+    """A run name from the setup itself: the model's short name and the steps' labels (``demo sparsegpt 60%``)."""
+    model = str((data.get("model") or {}).get("name") or "demo").rstrip("/")
+    model = model.rsplit("/", 1)[-1] or model
+    labels = []
+    for i, step in enumerate(data.get("steps") or []):
+        try:
+            labels.append(build_step(copy.deepcopy(step), i).label())
+        except Exception:  # a value being typed: its type names the step meanwhile
+            labels.append(str(step.get("type", "step")) if isinstance(step, dict) else "step")
+    return f"{model} {' + '.join(labels) or 'dense'}"
 
 
 def _set_path(data: dict, parts: list[str], value: Any) -> None:

@@ -91,6 +91,7 @@ class JobState:
     error: dict | None = None
     events: int = 0
     cancel_requested: bool = False
+    _eta_mark: tuple[float, float] | None = field(default=None, repr=False)  # (progress, time) of its last change
 
     @property
     def active(self) -> bool:
@@ -136,14 +137,19 @@ class JobState:
         return min(1.0, total / max(1, len(names)))
 
     def eta(self, now: float | None = None) -> float | None:
-        """Seconds left: the time so far scaled by the fraction left (None before any progress)."""
+        """Seconds left: the time up to the last progress scaled by the fraction left, counted down since then
+        (None before any progress). A stage that reports nothing for a while (calibration data being built) so
+        holds the estimate steady instead of pushing it up every second."""
         if not self.active or self.started is None:
             return None if self.active else 0.0
         now = now or time.time()
         done = self.progress()
         if done <= 0.0:
             return None
-        return (now - self.started) * (1 - done) / done
+        if self._eta_mark is None or self._eta_mark[0] != done:
+            self._eta_mark = (done, now)
+        at = self._eta_mark[1]
+        return max(0.0, (at - self.started) * (1 - done) / done - (now - at))
 
     def layer_values(self, stage: str | None = None) -> tuple[str | None, list[float | None], int | None, float | None]:
         """(stage, per-layer achieved sparsity, layer count, target) of the latest stage with layers."""
@@ -239,11 +245,16 @@ class UIState:
                     job.metrics.append(m)
         elif kind == "error":
             data = update.data
-            job.error = {"kind": data.get("kind"), "message": data.get("message"), "hint": data.get("hint"),
+            hint = data.get("hint")
+            if hint and job.run_id:  # the engine's hints name the run as RUN: this one has an id
+                hint = hint.replace("--resume RUN", f"--resume {job.run_id}")
+            job.error = {"kind": data.get("kind"), "message": data.get("message"), "hint": hint,
                          "details": data.get("traceback") or "\n".join(data.get("stderr") or [])}
-            job.status = "cancelled" if data.get("kind") == "cancelled" else "failed"
+            cancelled = data.get("kind") == "cancelled"
+            job.status = "cancelled" if cancelled else "failed"
             job.ended = now
-            job.logs.append(("error", f"{data.get('message')}" + (f" ({data.get('hint')})" if data.get("hint") else "")))
+            # a cancel the user asked for is what happened, not an error
+            job.logs.append(("warning" if cancelled else "error", f"{data.get('message')}" + (f" ({hint})" if hint else "")))
 
     def _apply_event(self, job: JobState, e: dict, now: float) -> None:
         kind = e["type"]

@@ -20,7 +20,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import Input, Label, Select, Static, Switch
+from textual.widgets import Checkbox, Input, Label, Select, Static
 
 from workbench.registry import step_types
 from workbench.spec.fields import setting_info
@@ -69,11 +69,11 @@ def step_fields(kind: str) -> tuple[FieldInfo, ...]:
 
 
 def parse_value(info: FieldInfo, text: str) -> Any:
-    """An input's text as the field's value: None for an empty optional field; the raw text when it
-    does not parse, so that the validator names the problem."""
+    """An input's text as the field's value: None for an empty field (the key is left out, so its default
+    applies); the raw text when it does not parse, so that the validator names the problem."""
     text = text.strip()
     if not text:
-        return None if info.optional else ("" if info.kind in ("int", "float") else text)
+        return None
     if info.kind == "int":
         try:
             return int(text)
@@ -144,12 +144,13 @@ class StepForm(Vertical):
             widget = Select([(str(o), o) for o in options], value=Select.NULL if value is None else value,
                             allow_blank=info.optional, prompt="default", compact=True, id=wid)
         elif info.kind == "bool":
-            widget = Switch(bool(value), id=wid)
+            from .widgets import Check
+
+            widget = Check("on" if value else "off", bool(value), compact=True, id=wid)
         else:
+            # a text field: a letter typed into a number shows, and the validator names it; empty means the default
             placeholder = "empty: the default" if info.default is None else f"default {format_value(info.default)}"
-            kind = {"int": "integer", "float": "number"}.get(info.kind, "text")
-            widget = Input(format_value(value), placeholder=placeholder, type=kind, compact=True, id=wid,
-                           valid_empty=info.optional)
+            widget = Input(format_value(value), placeholder=placeholder, compact=True, id=wid)
         widget.tooltip = tip
         return widget
 
@@ -175,9 +176,10 @@ class StepForm(Vertical):
         event.stop()
         self._edited(event.select.id, None if event.value is Select.NULL else event.value)
 
-    def on_switch_changed(self, event: Switch.Changed) -> None:
+    def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
         event.stop()
-        self._edited(event.switch.id, event.value)
+        event.checkbox.label = "on" if event.value else "off"
+        self._edited(event.checkbox.id, event.value)
 
     # ------------------------------------------------------------ feedback
     def show_problem(self, field: str | None, problem: Text | None) -> None:

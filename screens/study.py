@@ -36,9 +36,9 @@ from workbench.study import (Cell, CellResult, StudySpec, aggregate, format_stat
 from .base import WorkbenchScreen
 from .charts import CurveChart
 from .state import JobState
-from .widgets import ConfirmModal
+from .widgets import ConfirmModal, human_seconds
 
-STATUS_STYLES = {"done": "green", "running": "bold yellow", "queued": "yellow", "failed": "bold red",
+STATUS_STYLES = {"done": "green", "running": "bold yellow", "queued": "yellow", "failed": "bold red", "died": "bold red",
                  "cancelled": "magenta", "to do": "", "?": "dim"}
 NOT_DONE = ("to do", "failed", "cancelled")  # what ``r`` submits
 RUN_WIDTH = 36  # the plan's last column: a run id, or the start of why it failed (the line below has it all)
@@ -291,7 +291,7 @@ class StudyScreen(WorkbenchScreen):
         parts = [f"[{STATUS_STYLES[s]}]{counts[s]} {s}[/]" if STATUS_STYLES[s] else f"{counts[s]} {s}"
                  for s in ("done", "running", "queued", "failed", "cancelled", "to do") if counts.get(s)]
         rest = sum(counts.get(s, 0) for s in NOT_DONE)
-        keys = f"[b]{self.app.key_for('study.run', 'r')}[/] runs the {rest} not done" if rest else "nothing left to run"
+        keys = f"[b]{self.app.key_for('study.run', 'r')}[/] runs the {rest} not done (asks first)" if rest else "nothing left to run"
         if counts.get("running") or counts.get("queued"):
             keys += f" · [b]{self.app.key_for('study.cancel', 'c')}[/] cancels"
         self._set_counts(" · ".join(parts) + f"   [dim]{keys}[/]")
@@ -382,6 +382,32 @@ class StudyScreen(WorkbenchScreen):
         if not todo:
             self.notify("nothing to run: every run of the study is done or on its way", timeout=4)
             return
+
+        async def answer(yes: bool | None) -> None:
+            if yes:
+                await self._submit(todo)
+
+        self.app.push_screen(ConfirmModal(f"Run the {len(todo)} run(s) of {self.study.name} that are not done? "
+                                          f"{self._duration(len(todo))}", "Run them", "Not now"), answer)
+
+    def _duration(self, runs: int) -> str:
+        """Roughly how long ``runs`` more runs take, from the study's runs done so far (this app's, or the history's)."""
+        seconds = [j.ended - j.started for j in self._latest_jobs().values()
+                   if j.status == "finished" and j.started and j.ended]
+        if not seconds:
+            try:
+                with _history(getattr(self.app, "history_path", None)) as history:
+                    ids = {row.run_id for row in self.rows if row.status == "done" and row.run_id}
+                    seconds = [r.finished - r.created for r in history.runs(limit=500) if r.id in ids and r.finished]
+            except (WorkbenchError, sqlite3.Error):
+                seconds = []
+        if not seconds:
+            return "How long one takes is not known yet: none of the study's runs has finished."
+        each = sum(seconds) / len(seconds)
+        return (f"At about {human_seconds(each)} each (the study's runs so far), roughly {human_seconds(each * runs)} "
+                "in all on one worker.")
+
+    async def _submit(self, todo: list) -> None:
         submitted = 0
         for row in todo:
             job = await self.app.submit("run", row.spec.to_dict(), title=row.spec.name)

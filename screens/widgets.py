@@ -1,4 +1,5 @@
-"""Widgets every screen uses: the screen bar, the guide banner, the worker line, the key bar, and the modals."""
+"""Widgets every screen uses: the screen bar, the guide banner, the worker line, the key bar, tables, check
+boxes, and the modals (message, confirm, prompt, help)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Footer, Input, Label, Static
+from textual.widgets import Button, Checkbox, DataTable, Footer, Input, Label, Static
 
 # (mode name, title, key) in the order of the screen bar
 SCREENS = (
@@ -40,6 +41,29 @@ def human_seconds(s: float | None) -> str:
     h, rest = divmod(s, 3600)
     m, sec = divmod(rest, 60)
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+class Table(DataTable):
+    """A data table whose home and end keys go to the first and last row."""
+
+    BINDINGS = [Binding("home", "first_row", "First row", show=False), Binding("end", "last_row", "Last row", show=False)]
+
+    def action_first_row(self) -> None:
+        if self.row_count:
+            self.move_cursor(row=0)
+
+    def action_last_row(self) -> None:
+        if self.row_count:
+            self.move_cursor(row=self.row_count - 1)
+
+
+class Check(Checkbox):
+    """A check box whose box shows a tick when on and stays empty when off, so its state never rests on colour."""
+
+    @property
+    def _button(self):
+        self.BUTTON_INNER = "✓" if self.value else " "
+        return super()._button
 
 
 class ScreenBar(Static):
@@ -167,7 +191,7 @@ class KeyBar(Footer):
 
 
 class MessageModal(ModalScreen[None]):
-    """What happened and what to do; any key among enter/escape closes it."""
+    """What happened and what to do; enter or escape closes it."""
 
     BINDINGS = [Binding("escape,enter", "dismiss", "Close", id="modal.close")]
 
@@ -181,7 +205,7 @@ class MessageModal(ModalScreen[None]):
             yield Static(self.message, id="modal-message", markup=False)
             if self.hint:
                 yield Static(f"What to do: {self.hint}", id="modal-hint", markup=False)
-            yield Button("OK", id="ok", variant="primary")
+            yield Button("OK (enter)", id="ok", variant="primary")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(None)
@@ -191,9 +215,10 @@ class MessageModal(ModalScreen[None]):
 
 
 class ConfirmModal(ModalScreen[bool]):
-    """A yes/no question; y/enter confirms, n/escape declines."""
+    """A yes/no question; y confirms, n or escape declines, enter presses the focused button (the safe one at first)."""
 
     BINDINGS = [Binding("y", "answer(True)", "Yes", id="modal.yes"), Binding("n,escape", "answer(False)", "No", id="modal.no")]
+    AUTO_FOCUS = "#no"
 
     def __init__(self, question: str, yes: str = "Yes", no: str = "No"):
         super().__init__(classes="modal")
@@ -204,7 +229,7 @@ class ConfirmModal(ModalScreen[bool]):
             yield Static(self.question, id="modal-message", markup=False)
             with Horizontal(id="modal-buttons"):
                 yield Button(f"{self.yes} (y)", id="yes", variant="error")
-                yield Button(f"{self.no} (n)", id="no")
+                yield Button(f"{self.no} (n, escape)", id="no")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")
@@ -214,21 +239,104 @@ class ConfirmModal(ModalScreen[bool]):
 
 
 class PromptModal(ModalScreen[str | None]):
-    """Ask for one line of text (a path, a name); enter accepts, escape cancels."""
+    """Ask for one line of text (a path, a name): enter accepts, escape cancels; a blank answer is refused."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="modal.cancel")]
 
-    def __init__(self, question: str, value: str = "", placeholder: str = ""):
+    def __init__(self, question: str, value: str = "", placeholder: str = "", required: str = "type a value first"):
         super().__init__(classes="modal")
-        self.question, self.value, self.placeholder = question, value, placeholder
+        self.question, self.value, self.placeholder, self.required = question, value, placeholder, required
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Static(self.question, id="modal-message", markup=False)
             yield Input(self.value, placeholder=self.placeholder, id="modal-input")
+            yield Static("", id="modal-problem", markup=False)
+            with Horizontal(id="modal-buttons"):
+                yield Button("OK (enter)", id="ok", variant="primary")
+                yield Button("Cancel (escape)", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#modal-problem").display = False
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.dismiss(event.value.strip() or None)
+        self._accept(event.value)
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.query_one("#modal-problem").display = False
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "ok":
+            self._accept(self.query_one("#modal-input", Input).value)
+        else:
+            self.dismiss(None)
+
+    def _accept(self, value: str) -> None:
+        if not value.strip():
+            problem = self.query_one("#modal-problem", Static)
+            problem.update(f"✗ {self.required} (escape cancels)")
+            problem.display = True
+            self.query_one("#modal-input", Input).focus()
+            return
+        self.dismiss(value.strip())
 
     def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+def binding_rows(screen) -> list[tuple[str, str, str]]:
+    """(where, keys as shown, what they do) of every key that works on ``screen`` now: the screen's own first, then
+    the app's, then the focused widget's (a table's cursor keys, say)."""
+    app = screen.app
+    found: dict[tuple, list] = {}  # (node, action) -> [keys, description]
+    for _key, active in screen.active_bindings.items():
+        binding = active.binding
+        if not binding.description or not active.enabled:
+            continue
+        entry = found.setdefault((id(active.node), binding.action), [[], "", active.node])
+        shown = app.get_key_display(binding)
+        if shown not in entry[0]:
+            entry[0].append(shown)
+        if len(binding.description) > len(entry[1]):
+            entry[1] = binding.description
+    rows = []
+    for keys, description, node in found.values():
+        where = "everywhere" if node is app else ("this screen" if node is screen else "the focused field")
+        rows.append((where, " / ".join(keys), description))
+    order = {"this screen": 0, "everywhere": 1, "the focused field": 2}
+    return sorted(rows, key=lambda r: order[r[0]])
+
+
+class HelpModal(ModalScreen[None]):
+    """The keys of the screen it was opened over (``?`` or F1), and the guided walk's note; any close key closes it."""
+
+    BINDINGS = [Binding("escape,enter,question_mark,f1", "dismiss", "Close", id="help.close")]
+
+    def __init__(self, title: str, rows: list[tuple[str, str, str]], note: str = ""):
+        super().__init__(classes="modal", id="help")
+        self.title_text, self.rows, self.note = title, rows, note
+
+    def compose(self) -> ComposeResult:
+        from textual.containers import VerticalScroll
+
+        with Vertical(id="dialog"):
+            yield Label(f"Keys: {self.title_text}", id="modal-title")
+            with VerticalScroll(id="help-keys"):
+                text, last = Text(), None
+                for where, keys, what in self.rows:
+                    if where != last:
+                        text.append(("\n" if last is not None else "") + f"{where}\n", style="bold")
+                        last = where
+                    text.append(f"  {keys:<16}", style="bold")
+                    text.append(f"{what}\n")
+                if self.note:
+                    text.append("\nGuided walk\n", style="bold")
+                    text.append(self.note)
+                yield Static(text, id="help-text")
+            yield Button("Close (escape)", id="ok", variant="primary")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(None)
+
+    async def action_dismiss(self, result=None) -> None:
         self.dismiss(None)

@@ -23,7 +23,7 @@ def fake_gpu(devices: list[dict]) -> dict:
 
 
 def documented_objective(n: int) -> float:
-    """The fake search's objective of trial n, as PROTOCOL.md and backends/fake.py state it."""
+    """The fake search's objective of trial n, as PROTOCOL.md and backends/fake/ state it."""
     return 40 + 20 / (n + 1) + (n * 7 % 5)
 
 

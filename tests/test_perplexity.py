@@ -70,7 +70,8 @@ def test_bundled_wikitext_matches_shared_copy():
 
 
 def test_bundled_c4_matches_shared_copy():
-    for bundled, name in (("c4-train-1000.jsonl.gz", "c4-en-train.00000-first1000.jsonl.gz"), ("c4-validation-2000.jsonl.gz", "c4-en-validation-2k.jsonl.gz")):
+    for bundled, name in (("c4-train-1000.jsonl.gz", "c4-en-train.00000-first1000.jsonl.gz"),
+                          ("c4-validation-2000.jsonl.gz", "c4-en-validation-2k.jsonl.gz")):
         shared = shared_path("data", "c4", name)
         assert (DATA / bundled).read_bytes() == shared.read_bytes()
 

@@ -41,9 +41,13 @@ async def _open(pilot, tab: str = "tab-source") -> None:
 
 
 async def _choose(pilot, value: str) -> None:
-    """Pick a source kind, as choosing it from the list does, and let the screen handle it."""
-    pilot.app.screen.query_one("#source-kind").value = value
+    """Pick a source kind, as choosing it from the focused list does, and let the screen handle it; the focus stays
+    on the list (it never jumps by itself)."""
+    select = pilot.app.screen.query_one("#source-kind")
+    select.focus()
+    select.value = value
     await pilot.pause()
+    assert pilot.app.focused is select
 
 
 
@@ -59,15 +63,15 @@ async def test_each_kind_of_source_writes_its_source_string():
         await _choose(pilot, "file")
         assert _source(app) == "file:"  # not valid yet: says so under the field
         assert _validator_message({"source": "file:"}) in _text(app, "#problem-source")
-        await pilot.press(*"data/my.txt")  # the argument field has the focus
+        await pilot.press("tab", *"data/my.txt")  # tab goes on from the choice to its argument
         assert _source(app) == "file:data/my.txt"
         assert not _text(app, "#problem-source")
         await _choose(pilot, "hf")
-        await pilot.press(*"allenai/c4:en:train")
+        await pilot.press("tab", *"allenai/c4:en:train")
         assert _source(app) == "hf:allenai/c4:en:train"
         await _choose(pilot, "selfgen")
         assert _source(app) == "selfgen"
-        await pilot.press(*"books")
+        await pilot.press("tab", *"books")
         assert _source(app) == "selfgen:books"
         assert app.screen.query_one("#selfgen-warning").display  # the Preview tab warns that selfgen generates
         await _choose(pilot, "file")
@@ -156,7 +160,7 @@ async def test_preview_shows_the_fake_workers_statistics():
         assert job.status == "finished"
         await wait_for(pilot, lambda: "distinct tokens" in _text(app, "#preview-stats"), what="the statistics")
         stats = _text(app, "#preview-stats")
-        # the fake's formulas (backends/fake.py fake_preview) for c4, 10 windows of 100 tokens
+        # the fake's formulas (backends/fake/ fake_preview) for c4, 10 windows of 100 tokens
         tokens = 10 * 100
         assert re.search(rf"documents +{FAKE_DOCUMENTS['c4']:,} +250,000 tokens", stats)
         assert re.search(rf"windows +10 +{tokens:,} tokens \(10 × 100\)", stats)

@@ -9,7 +9,7 @@ import random
 import pytest
 from textual.app import App
 
-from workbench.screens.charts import CurveChart, LayerChart, TrialChart, downsample
+from workbench.screens.charts import CurveChart, LayerChart, TrialChart, downsample, integer_ticks
 
 
 class Spy:
@@ -154,8 +154,8 @@ def test_layer_chart_is_legible_in_a_small_pane():
         assert (chart.size.width, chart.size.height) == (38, 10)
         lines = shown(chart).splitlines()
         assert len(lines) == 10 and all(len(line) <= 38 for line in lines)
-        ticks = lines[-2].split()  # the last line is the y label
-        assert "sparsity per layer" in lines[0] and ticks[0] == "0" and ticks[-1] == "31"
+        ticks = [int(t) for t in lines[-2].split()]  # the last line is the y label
+        assert "sparsity per layer" in lines[0] and ticks == [0, 10, 20, 30]  # a round step, evenly spaced
 
     with_chart(LayerChart(), test, pane=(38, 10))
 
@@ -270,3 +270,28 @@ def test_a_chart_plotext_cannot_draw_shows_a_note_instead_of_failing():
         assert pilot.app.is_running
 
     with_chart(LayerChart(), test)
+
+
+def test_integer_ticks_are_evenly_spaced_by_a_round_step():
+    assert integer_ticks(0, 7) == [0, 2, 4, 6]  # not 0 2 4 5 7
+    assert integer_ticks(0, 31) == [0, 10, 20, 30]
+    assert integer_ticks(0, 39) == [0, 10, 20, 30, 39]
+    assert integer_ticks(0, 3) == [0, 1, 2, 3]
+    assert integer_ticks(5, 5) == [5]
+    for last in range(1, 200):
+        ticks = integer_ticks(0, last)
+        gaps = {b - a for a, b in zip(ticks, ticks[1:])}
+        assert len(ticks) <= 6 and ticks[0] == 0 and ticks[-1] <= last
+        assert len(gaps - {min(gaps)}) <= 1  # one round step, and at most one shorter gap to the last layer
+
+
+def test_layer_bars_of_eight_layers_in_a_small_pane_stay_apart():
+    async def test(chart, pilot):
+        chart.update_layers([0.5] * 8, total=8, target=None)
+        await pilot.pause()
+        lines = shown(chart).splitlines()
+        bar_line = next(line for line in lines if "█" in line)
+        blocks = [b for b in bar_line.split(" ") if "█" in b]
+        assert len(blocks) == 8  # a blank column between each two bars: layers 0 to 2 are not one block
+
+    with_chart(LayerChart(), test, pane=(38, 10))

@@ -199,3 +199,45 @@ async def test_removing_a_step_asks_first():
         await wait_for(pilot, lambda: app.session.data["steps"] == original[1:], what="the step to go")
         await wait_for(pilot, lambda: len(list_labels(app)) == 2, what="the list to follow")
         assert list_labels(app)[0].startswith("1. depth")
+
+
+@async_test
+async def test_a_letter_in_a_number_shows_with_the_validators_message_and_an_empty_field_means_the_default():
+    app = make_app("quickstart", start_worker=False)
+    async with app.run_test(size=SMALL) as pilot:
+        form = await open_compression(pilot, app)
+        field = form.query_one("#field-sparsity", Input)
+        await retype(pilot, field, "0.6x")
+        assert field.value == "0.6x"  # the letter is kept, not dropped
+        data = preset_data("quickstart")
+        data["steps"][0]["sparsity"] = "0.6x"
+        expected = validator_message(data)
+        error = form.query_one("#error-sparsity", Static)
+        await wait_for(pilot, lambda: error.display and expected in str(error.content), what="the validator's message")
+
+        await retype(pilot, field, "")
+        await wait_for(pilot, lambda: "sparsity" not in app.session.data["steps"][0], what="the key to be left out")
+        assert field.placeholder == f"default {PruneStep().sparsity}"
+        assert app.session.problem() is None and not error.display
+        assert app.session.spec().steps[0].sparsity == PruneStep().sparsity
+
+
+@async_test
+async def test_a_fields_help_line_goes_with_its_form():
+    app = make_app("lowrank-feature-bo-80", start_worker=False)
+    async with app.run_test(size=SMALL) as pilot:
+        form = await open_compression(pilot, app)
+        form.query_one("#field-trials").focus()
+        await pilot.pause()
+        help_line = app.screen.query_one("#field-help", Static)
+        assert str(help_line.content).startswith("trials")
+        app.session.add_step({"type": "prune"})
+        app.session_changed()
+        steps = app.screen.query_one("#steps", OptionList)
+        await wait_for(pilot, lambda: steps.option_count == len(app.session.steps), what="the new step in the list")
+        await pilot.pause(0.2)  # the list's repaint, which keeps the highlight where it was, is done
+        steps.focus()
+        await pilot.press("end")
+        await form_for(pilot, app, len(app.session.steps) - 1)
+        await pilot.pause()
+        assert "trials" not in str(help_line.content)  # the prune form shows no low-rank help

@@ -1,5 +1,7 @@
-"""End to end in a real terminal: ``workbench`` in an 80x24 tmux window runs the quickstart on the
-real worker and the demo model, shows the perplexities the run recorded, and quits on ctrl+q."""
+"""End to end in a real terminal: a whole session of ``workbench`` in an 80x24 tmux window, on the real worker
+and the demo model. The run settings (a window limit, export on) are edited with the keyboard, the quickstart
+runs and shows the perplexities it recorded, the kept model is evaluated, History compares them with each
+perplexity's protocol, and ctrl+q asks before quitting an edited setup."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (CI installs it; locally: apt-get install tmux)"),
 ]
 
-TIMEOUT = 180.0  # the quickstart alone takes about 15 s on two cores; the machine may be busy
+TIMEOUT = 300.0  # the quickstart alone takes about 15 s on two cores, the evaluation a few more; the machine may be busy
 
 
 def _workbench() -> list[str]:
@@ -84,28 +86,82 @@ def _finished_run(history_file: Path):
     return runs[0]
 
 
-def test_the_workbench_runs_the_quickstart_in_a_terminal(tmp_path):
+def _runs(history_file: Path) -> list:
+    if not history_file.exists():
+        return []
+    with History(history_file) as history:
+        return history.runs()
+
+
+def test_a_whole_session_in_a_terminal(tmp_path):
     home, config = tmp_path / "home", tmp_path / "config"
     env = {"WORKBENCH_HOME": str(home), "XDG_CONFIG_HOME": str(config), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "")}
     terminal = Terminal(tmp_path)
     deadline = time.monotonic() + TIMEOUT
+    def keys(*names: str) -> None:
+        """Type keys as a person does, a few a second, not as one burst."""
+        for name in names:
+            terminal.tmux("send-keys", "-t", "wb", name)
+            time.sleep(0.15)
+
+    history_file = home / "history.sqlite"
     try:
         terminal.start(_workbench(), env)
         _until(lambda: "Compression" in terminal.capture(), deadline, "the first screen")  # the screen bar
-        terminal.tmux("send-keys", "-t", "wb", "C-r")
-        run = _until(lambda: _finished_run(home / "history.sqlite"), deadline, "the run to finish")
 
-        with History(home / "history.sqlite") as history:
-            metrics = {m["phase"]: m["value"] for m in history.metrics(run.id)
-                       if m["name"] == "perplexity" and m["dataset"] == "wikitext2"}
-        assert set(metrics) == {"before", "after"}, metrics
-        assert metrics["after"] > metrics["before"]  # 50% sparsity costs some perplexity
-        shown = [f"{metrics['before']:.2f}", f"{metrics['after']:.2f}"]
-        _until(lambda: all(text in terminal.capture() for text in shown), deadline, f"the perplexities {shown} on screen")
+        # Evaluate › Run settings: the run's window limit, and export on, with the keyboard only
+        keys("5")
+        _until(lambda: "Evaluate a model now" in terminal.capture(), deadline, "the Evaluate screen")
+        keys("]")  # the next tab; the focus goes to its first field (the name)
+        _until(lambda: "automatic: quickstart" in terminal.capture(), deadline, "the Run settings tab")
+        keys(*["Tab"] * 5, "C-u", "4")  # name, description, reference, before, data sets: the window limit
+        keys(*["Tab"] * 14, "Space")  # on to "export the compressed model"
+        _until(lambda: "✓▌ export the compressed model" in terminal.capture(), deadline, "export turned on")
+        keys("4")  # the Run screen: what ctrl+r would run, with the edited settings
+        _until(lambda: "Ready to run demo wanda 50%" in terminal.capture() and "(4 windows)" in terminal.screen
+               and "model exported" in terminal.screen, deadline, "the edited setup ready to run")
+        keys("C-r")
+        run = _until(lambda: _finished_run(history_file), deadline, "the run to finish")
+        assert run.spec["evaluate"]["limit"] == 4 and run.spec["export"]["save"] is True
+        assert run.name == "demo wanda 50%"  # an edited setup is named from what it does
+        with History(history_file) as history:
+            metrics = {m["phase"]: m for m in history.metrics(run.id) if m["name"] == "perplexity"}
+            kept = history.model_of(run)
+        assert set(metrics) == {"before", "after"} and metrics["after"]["windows"] == 4
+        assert metrics["after"]["value"] > metrics["before"]["value"]  # 50% sparsity costs some perplexity
+        assert kept and (Path(kept) / "config.json").is_file()
+        # each perplexity with its protocol (tokens per window × windows) on the Run screen
+        shown = f"{metrics['before']['value']:.2f} → {metrics['after']['value']:.2f} (512 tok × 4 win)"
+        _until(lambda: shown in terminal.capture(), deadline, f"{shown!r} on screen")
 
-        terminal.tmux("send-keys", "-t", "wb", "C-q")
+        # evaluate the kept model: Evaluate, back to its first tab, the run is the second target
+        keys("5")
+        _until(lambda: "Evaluate a model now" in terminal.capture(), deadline, "the Evaluate screen again")
+        keys("[")
+        time.sleep(0.5)
+        keys("Down", "C-e")
+        evaluation = _until(lambda: next((r for r in _runs(history_file) if r.name.startswith("eval of")
+                                          and r.status in ("finished", "failed")), None), deadline, "the evaluation")
+        assert evaluation.status == "finished", evaluation.error
+        assert evaluation.name == f"eval of demo wanda 50% ({run.id[-6:]})"
+        with History(history_file) as history:
+            attached = [m for m in history.metrics(run.id) if m["phase"] == "eval" and m["name"] == "perplexity"]
+        assert attached and attached[0]["windows"] == 40  # the Evaluate form's limit (the quickstart's)
+
+        # History: compare the run and its evaluation, each perplexity on its protocol's row
+        keys("6")
+        _until(lambda: "eval of demo" in terminal.capture(), deadline, "both runs in History")
+        keys("Space", "Space", "c")
+        _until(lambda: "Compare" in terminal.capture() and "tok × 4 win" in terminal.screen
+               and "tok × 40 win" in terminal.screen, deadline, "the comparison with its protocols")
+        keys("Escape")
+        time.sleep(1.0)  # an escape and a key close behind it can read as alt+key
+
+        keys("C-q")  # the setup was edited and not saved: it asks first
+        _until(lambda: "Quit the workbench?" in terminal.capture(), deadline, "the quit question")
+        keys("y")
         assert _until(terminal.exit_status, deadline, "the workbench to exit") == "0"
     except AssertionError as exc:
         logs = "".join(f"\n--- {p.name}\n" + p.read_text(errors="replace")[-2000:]

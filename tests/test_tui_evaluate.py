@@ -8,10 +8,11 @@ from tui_support import SMALL, fake_backend, make_app, wait_for, worker_ready
 from worker_support import async_test
 from workbench.errors import UserError
 from workbench.history import History
+from workbench.screens.evaluate import NO_MODEL_HINT
 from workbench.screens.widgets import MessageModal
 from workbench.spec import spec_from_dict
 
-# the fake worker's documented dense perplexities (backends/fake.py)
+# the fake worker's documented dense perplexities (backends/fake/)
 DENSE = {"wikitext2": 30.0, "c4": 40.0}
 
 
@@ -64,7 +65,10 @@ async def test_perplexity_on_two_data_sets_fills_a_row_each_with_the_fake_values
         assert job.spec["evaluate"]["perplexity"] == ["wikitext2", "c4"]
         await wait_for(pilot, lambda: not job.active and len(_rows(screen)) == 2, what="both results in the table")
         assert job.status == "finished"
-        assert _rows(screen) == [["perplexity", ds, f"{DENSE[ds]:.2f}", ""] for ds in ("wikitext2", "c4")]
+        # each perplexity with its protocol: the fake's 512-token context, the setup's window limit
+        windows = app.session.get("evaluate.limit")
+        assert _rows(screen) == [["perplexity", ds, f"{DENSE[ds]:.2f}", f"512 tok × {windows} win", ""]
+                                 for ds in ("wikitext2", "c4")]
         assert str(screen.query_one("#eval-progress").render()).startswith("finished: 2 result(s)")
         # the evaluation is a run of its own in the history, without steps
         with History() as history:
@@ -147,7 +151,7 @@ async def test_a_run_without_a_kept_model_is_listed_but_cannot_be_evaluated(tmp_
         assert [o.id for o in targets.options] == ["dense", "run:20250101-000001-ccc003", "run:20250101-000000-bbb002"]
         kept, lost = targets.options[1:]
         assert not kept.disabled
-        assert lost.disabled and "(no model kept: re-run it with export on)" in str(lost.prompt)  # why, where it is listed
+        assert lost.disabled and f"(no model kept: {NO_MODEL_HINT})" in str(lost.prompt)  # why, where it is listed
         await pilot.press("down", "down")  # the keyboard passes over it
         assert targets.highlighted_option.id == "dense"
         await pilot.press("down")
@@ -161,5 +165,5 @@ async def test_a_run_without_a_kept_model_is_listed_but_cannot_be_evaluated(tmp_
         assert targets.get_option("run:20250101-000001-ccc003").disabled
         await pilot.press("ctrl+e")
         await wait_for(pilot, lambda: _modal(app) is not None, what="the error modal")
-        assert "20250101-000001-ccc003" in _modal(app).message and "export on" in _modal(app).hint
+        assert "20250101-000001-ccc003" in _modal(app).message and _modal(app).hint == NO_MODEL_HINT
         assert not app.state.jobs  # nothing was submitted

@@ -7,9 +7,8 @@ import pytest
 from test_tui_presets import highlight, open_presets
 from tui_support import SMALL, fake_backend, job_done, make_app, type_into, wait_for, worker_ready
 from worker_support import async_test
-from workbench.evaluation import report
 from workbench.history import History
-from workbench.screens.history import CompareScreen
+from workbench.screens.compare import CompareScreen
 from workbench.spec import load_preset
 
 
@@ -54,10 +53,17 @@ async def test_a_guided_preset_runs_then_a_changed_setup_runs_and_history_compar
         await wait_for(pilot, lambda: isinstance(app.screen, CompareScreen), what="the comparison")
         with History() as history:
             runs = [(history.get(j.run_id), history.metrics(j.run_id)) for j in (first, second)]
-        header, body = report.table_cells(report.columns(runs))
-        assert cells(app.screen.query_one("#compare-table")) == body
-        # the fake worker's perplexity: 30 dense on WikiText-2, times 1 + 4 s^2 after a step of sparsity s
-        row = next(r for r in body if r[0] == "perplexity wikitext2")
+        # the edited setup's run is named after what it does, not after the preset it came from
+        assert [r.name for r, _ in runs] == ["wanda-50", "demo wanda 70%"]
+        header = ["metric"] + [f"dense ({first.run_id[-6:]})", f"wanda-50 ({first.run_id[-6:]})",
+                               f"demo wanda 70% ({second.run_id[-6:]})"]
+        assert [str(c.label) for c in app.screen.query_one("#compare-table").ordered_columns] == header
+        body = cells(app.screen.query_one("#compare-table"))
+        # the fake worker's perplexity: 30 dense on WikiText-2, times 1 + 4 s^2 after a step of sparsity s, measured
+        # on the preset's windows of the fake's 512-token context
+        windows = load_preset("wanda-50").evaluate.limit or 10
+        row = next(r for r in body if r[0].startswith("perplexity wikitext2"))
+        assert row[0] == f"perplexity wikitext2 (512 tok × {windows} win)"
         assert row[1] == "30.00" and row[2].startswith("60.00") and row[3].startswith(f"{30 * (1 + 4 * 0.49):.2f}")
-        points = sorted(app.screen.series["perplexity"]["wikitext2"])
+        points = app.screen.series["perplexity"]["wanda · wikitext2"]
         assert [x for x, _ in points] == pytest.approx([0.0, 0.5, 0.7])

@@ -118,21 +118,48 @@ async def test_a_guided_session_explains_each_screen_in_order_and_runs_the_prese
 
 
 @async_test
-async def test_save_as_preset_writes_a_file_that_loads_back_to_the_same_spec(tmp_path):
+async def test_save_as_preset_refuses_a_blank_name_and_names_the_preset_after_its_file(tmp_path):
     app = make_app("quickstart")
     async with app.run_test(size=SMALL) as pilot:
         app.session.set("steps.0.sparsity", 0.6)
         app.session_changed()
         await open_presets(pilot, app)
         await pilot.press("s")
+        await wait_for(pilot, lambda: isinstance(app.screen, PromptModal), what="the prompt")
+        assert "(enter)" in str(app.screen.query_one("#ok").label) and "(escape)" in str(app.screen.query_one("#cancel").label)
+        await answer_prompt(pilot, app, "   ")  # a blank name: the dialog stays and says why
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, PromptModal)
+        problem = app.screen.query_one("#modal-problem")
+        assert problem.display and "needs a file name" in str(problem.render())
+        assert list(tmp_path.iterdir()) == []
+
         path = tmp_path / "mine.toml"
         await answer_prompt(pilot, app, str(path))
         await wait_for(pilot, lambda: path.exists(), what="the preset file")
-        assert load_preset(str(path)).to_dict() == load_preset("quickstart", ["steps.0.sparsity=0.6"]).to_dict()
+        # the preset is the setup, named after its file (as a shipped preset's name is its file's)
+        assert load_preset(str(path)).to_dict() == load_preset("quickstart", ["steps.0.sparsity=0.6", "name='mine'"]).to_dict()
+        assert app.session.run_name() == "mine" and not app.session.edited
+
+
+async def pick_file(pilot, app, path) -> None:
+    """In the file browser (opened in the working directory), move down to ``path`` and take it with enter."""
+    from workbench.screens.browse import FolderModal
+
+    await wait_for(pilot, lambda: isinstance(app.screen, FolderModal), what="the file browser")
+    tree = app.screen.query_one("#folder-tree")
+    await wait_for(pilot, lambda: len(tree.root.children) >= 3, what="the tree to list the folder")
+    for _ in range(len(tree.root.children) + 1):
+        if app.screen.highlighted == path:
+            break
+        await pilot.press("down")
+    assert app.screen.highlighted == path
+    await pilot.press("enter")
 
 
 @async_test
-async def test_a_bad_preset_file_shows_why_and_keeps_the_setup(tmp_path):
+async def test_a_bad_preset_file_shows_why_and_keeps_the_setup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the browser opens in the working directory
     broken = tmp_path / "broken.toml"
     broken.write_text('name = "broken"\n[model\nname = "demo"\n')
     invalid = tmp_path / "invalid.toml"
@@ -149,7 +176,7 @@ async def test_a_bad_preset_file_shows_why_and_keeps_the_setup(tmp_path):
         before = copy.deepcopy(app.session.data)
         for path, message in expected.items():
             await pilot.press("o")
-            await answer_prompt(pilot, app, str(path))
+            await pick_file(pilot, app, path)
             await wait_for(pilot, lambda: isinstance(app.screen, MessageModal), what="the error")
             assert message in app.screen.message and app.screen.hint
             await pilot.press("escape")
@@ -157,7 +184,7 @@ async def test_a_bad_preset_file_shows_why_and_keeps_the_setup(tmp_path):
             assert app.session.data == before and app.session.preset == "quickstart"
 
         await pilot.press("o")
-        await answer_prompt(pilot, app, str(good))
+        await pick_file(pilot, app, good)
         await wait_for(pilot, lambda: app.session.preset == str(good), what="the good file to load")
         assert app.session.data == tomllib.loads(good.read_text())
         assert app.session.guide is None

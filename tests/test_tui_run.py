@@ -2,7 +2,7 @@
 
 The fake worker's sparsities are exactly the step's target and its
 perplexity is ``30 * (1 + 4 s^2)`` on WikiText-2 after a prune step of
-sparsity ``s`` (``backends/fake.py``), so the expected values are known.
+sparsity ``s`` (``backends/fake/``), so the expected values are known.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every screen at 80x24 and 120x40 on fixed data, compared with the accepted SVG snapshots.
 
 The data: no worker process, a frozen clock, UTC, a ready fake worker with fixed devices, and
-jobs and history runs made by the fake worker's own event streams (``backends/fake.py``) on
+jobs and history runs made by the fake worker's own event streams (``backends/fake/``) on
 that clock, so every number and time on screen is the same on every machine. After a change
 to a screen, look at the report and accept the new pictures with
 ``pytest tests/test_tui_snapshots.py --snapshot-update``.
@@ -17,6 +17,7 @@ import pytest
 from tui_support import LARGE, SMALL, make_app, wait_for
 from workbench import __version__
 from workbench.backends import fake
+from workbench.backends.fake import jobs as fake_jobs, preview as fake_preview, steps as fake_steps
 from workbench.backends.client import Update
 from workbench.backends.worker import Job
 from workbench.errors import WorkbenchError
@@ -112,7 +113,8 @@ def fixed_app(tmp_path, monkeypatch):
     """Make the app on fixed data, showing a given screen; the clock stays at NOW while it renders."""
     clock = Clock(NOW)
     monkeypatch.setattr(time, "time", clock)
-    monkeypatch.setattr(fake, "time", SimpleNamespace(perf_counter=clock, sleep=clock.sleep, time=clock))
+    for module in (fake_jobs, fake_steps, fake_preview):  # the fake worker's timings follow the clock
+        monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=clock, sleep=clock.sleep, time=clock))
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     # relative paths under a fresh folder: anything a screen shows of them is the same everywhere
@@ -129,6 +131,7 @@ def fixed_app(tmp_path, monkeypatch):
 
     def make(screen: str):
         app = make_app(backend=Backend(), start_worker=False, start_screen=screen)
+        app.session.loaded_at = NOW - 3 * 3600  # the setup was loaded before the jobs on the fixed clock
         app.state = app.bridge.state = state
         app.bridge.start = no_worker
         app.bridge.submit = no_worker
@@ -163,3 +166,39 @@ def test_study_view(size, fixed_app, snap_compare):
         await pilot.pause()
 
     assert snap_compare(fixed_app("presets"), terminal_size=size, run_before=open_it)
+
+
+@pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "120x40"])
+@pytest.mark.parametrize("view", ["detail", "compare", "help", "run-settings", "quit"])
+def test_pushed_view(view, size, fixed_app, snap_compare):
+    """The views pushed over a screen: a run's detail, a comparison, the keys of History, the run settings tab of
+    Evaluate, and the question ctrl+q asks with an edited setup."""
+    from workbench.screens.compare import CompareScreen
+    from workbench.screens.rundetail import RunDetailScreen
+
+    start = {"detail": "history", "compare": "history", "help": "history", "run-settings": "evaluate", "quit": "run"}[view]
+
+    async def open_it(pilot):
+        app = pilot.app
+        await wait_for(pilot, lambda: app.screen.id == f"screen-{start}", what=f"the {start} screen")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        if view == "detail":
+            app.push_screen(RunDetailScreen(RUNS[-1][0]))
+            await wait_for(pilot, lambda: getattr(app.screen, "detail", None) is not None, what="the detail")
+        elif view == "compare":
+            with History("home/history.sqlite") as history:
+                runs = [(history.get(run_id), history.metrics(run_id)) for run_id, _, _, fail in RUNS if fail is None]
+            app.push_screen(CompareScreen(runs))
+        elif view == "help":
+            await pilot.press("question_mark")
+        elif view == "run-settings":
+            app.screen.query_one("#eval-tabs").active = "tab-run-settings"
+        elif view == "quit":
+            app.session.set("steps.0.sparsity", 0.6)
+            app.session_changed()
+            await pilot.press("ctrl+q")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+
+    assert snap_compare(fixed_app(start), terminal_size=size, run_before=open_it)

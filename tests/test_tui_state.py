@@ -56,6 +56,18 @@ def test_eta_scales_the_elapsed_time_by_the_fraction_left():
     assert JobState("j", "run", spec=SPEC, status="queued").eta(now=5.0) is None
 
 
+def test_eta_counts_down_while_a_stage_reports_nothing_instead_of_growing():
+    stages = {n: finished(n) for n in ("load", "calibrate", "evaluate:before")}
+    stages["prune:0"] = StageState("prune:0", total=8, done=2)  # progress 0.65
+    job = job_with(stages, started=100.0)
+    first = job.eta(now=113.0)
+    assert first == pytest.approx(13.0 * 0.35 / 0.65)
+    assert job.eta(now=118.0) == pytest.approx(first - 5.0)  # no progress for 5 s: 5 s less, not more
+    assert job.eta(now=1000.0) == 0.0
+    stages["prune:0"].done = 4  # progress again: a fresh estimate from the time so far
+    assert job.eta(now=1000.0) == pytest.approx(900.0 * (1 - job.progress()) / job.progress())
+
+
 def test_stage_eta_from_its_rate():
     stage = StageState("prune:0", total=8, done=2, started=10.0)
     assert stage.eta(now=14.0) == pytest.approx(6 / (2 / 4))  # 2 units in 4 s, 6 left
@@ -170,7 +182,17 @@ def test_an_error_update_ends_the_job_with_its_message_and_hint(kind, status):
     state.apply(Update("w0", "error", "j1", data={"kind": kind, "message": "it broke", "hint": "do this", "stderr": ["a", "b"]}))
     assert job.status == status and not job.active
     assert job.error == {"kind": kind, "message": "it broke", "hint": "do this", "details": "a\nb"}
-    assert job.logs[-1] == ("error", "it broke (do this)")
+    # a cancel is what the user asked for: a warning, not an error
+    assert job.logs[-1] == ("warning" if kind == "cancelled" else "error", "it broke (do this)")
+
+
+def test_a_hint_that_names_the_run_as_RUN_gets_the_runs_id():
+    state, job = scripted_state()
+    job.run_id = "20250101-000000-abc123"
+    state.apply(Update("w0", "error", "j1", data={"kind": "cancelled", "message": "the search was cancelled",
+                                                  "hint": "resume with workbench search --resume RUN"}))
+    assert job.error["hint"] == "resume with workbench search --resume 20250101-000000-abc123"
+    assert job.logs[-1] == ("warning", "the search was cancelled (resume with workbench search --resume 20250101-000000-abc123)")
 
 
 def test_worker_updates_hello_memory_and_death():

@@ -2,7 +2,7 @@
 
 The fake worker's perplexity depends only on the pruning sparsity s (every
 calibration source ties): ``dense * (1 + 4 s^2)`` with dense 30 on
-WikiText-2 and 50 on other data sets such as books (``backends/fake.py``).
+WikiText-2 and 50 on other data sets such as books (``backends/fake/``).
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import itertools
 import math
 
 import pytest
-from textual.widgets import DataTable, Input, OptionList, Select
+from textual.widgets import DataTable, OptionList, Select
 
 from tui_support import LARGE, SMALL, fake_backend, make_app, wait_for
 from worker_support import async_test
 from workbench.history import History
+from workbench.screens.browse import FolderModal
 from workbench.screens.commands import WorkbenchCommands
 from workbench.screens.rundetail import RunDetailScreen
 from workbench.screens.study import StudyScreen, open_study
-from workbench.screens.widgets import ConfirmModal, PromptModal
+from workbench.screens.widgets import ConfirmModal
 from workbench.study import load_study, spec_digest
 
 SOURCES, METHODS, SPARSITIES, SEEDS = ["c4", "books"], ["wanda"], [0.5, 0.7], [0, 1]
@@ -95,7 +96,10 @@ def history_runs() -> list:
 
 
 @async_test
-async def test_a_study_opens_from_the_presets_screen_and_the_palette_with_every_run_to_do(study_file):
+async def test_a_study_opens_from_the_presets_screen_and_the_palette_with_every_run_to_do(study_file, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(study_file).parent)  # the file browser opens in the working directory
     name = "study-calibration-demo"
     study, _ = load_study(name)
     expected = len(study.sources) * len(study.methods) * len(study.sparsities) * len(study.seeds) + 1
@@ -124,8 +128,11 @@ async def test_a_study_opens_from_the_presets_screen_and_the_palette_with_every_
         await pilot.press("escape")
         await wait_for(pilot, lambda: app.screen.id == "screen-presets", what="the Presets screen again")
         await pilot.press("o")
-        await wait_for(pilot, lambda: isinstance(app.screen, PromptModal), what="the file prompt")
-        app.screen.query_one("#modal-input", Input).value = study_file
+        await wait_for(pilot, lambda: isinstance(app.screen, FolderModal), what="the file browser")
+        tree = app.screen.query_one("#folder-tree")
+        await wait_for(pilot, lambda: len(tree.root.children) >= 1, what="the folder's files")
+        await pilot.press("down")
+        assert str(app.screen.highlighted) == study_file
         await pilot.press("enter")
         await wait_for(pilot, lambda: isinstance(app.screen, StudyScreen) and app.screen.index is not None, what="the file's study")
         assert app.screen.source == study_file and len(app.screen.rows) == RUNS
@@ -138,13 +145,23 @@ async def test_a_study_opens_from_the_presets_screen_and_the_palette_with_every_
                        and app.screen.index is not None, what="the palette's study")
 
 
+async def confirm_run(pilot, app) -> str:
+    """Answer yes to r's question (how many runs, roughly how long); returns the question."""
+    await wait_for(pilot, lambda: isinstance(app.screen, ConfirmModal), what="r's question")
+    question = app.screen.question
+    await pilot.press("y")
+    return question
+
+
 @async_test
 async def test_r_runs_every_cell_the_results_follow_the_fake_formula_and_a_new_app_reuses_them(study_file):
     app = make_app("quickstart", fake_backend(delay=0.01, layers=2))
     async with app.run_test(size=LARGE) as pilot:
         screen = await open_and_read(pilot, app, study_file)
         assert set(plan_status(screen).values()) == {"to do"}
-        await pilot.press("r")
+        await pilot.press("r")  # hours of compute on a real grid: it asks first, saying how many runs
+        question = await confirm_run(pilot, app)
+        assert f"the {RUNS} run(s)" in question and "not known yet" in question
         await wait_for(pilot, lambda: set(plan_status(screen).values()) == {"done"}, 60, "every run to be done")
         assert len(app.state.jobs) == RUNS and all(j.status == "finished" for j in app.state.jobs.values())
         await wait_for(pilot, lambda: screen.table is not None and screen.table["dense"]
@@ -203,6 +220,7 @@ async def test_a_failed_run_is_shown_failed_and_the_others_finish(study_file):
     async with app.run_test(size=SMALL) as pilot:
         screen = await open_and_read(pilot, app, study_file)
         await pilot.press("r")
+        await confirm_run(pilot, app)
         await wait_for(pilot, lambda: len(app.state.jobs) == RUNS and not any(j.active for j in app.state.jobs.values()),
                        60, "every run to end")
         await wait_for(pilot, lambda: "to do" not in plan_status(screen).values(), what="the plan to repaint")
@@ -227,6 +245,8 @@ async def test_a_failed_run_is_shown_failed_and_the_others_finish(study_file):
         await wait_for(pilot, lambda: app.screen is screen, what="the study view again")
 
         await pilot.press("r")  # only the failed run is submitted again
+        question = await confirm_run(pilot, app)
+        assert "the 1 run(s)" in question and "each (the study's runs so far)" in question  # the others' time
         await wait_for(pilot, lambda: len(app.state.jobs) == RUNS + 1, what="the retry")
         retry = app.state.latest("run")
         assert spec_digest(copy.deepcopy(retry.spec)) == dense.digest
@@ -238,6 +258,7 @@ async def test_cancel_stops_the_running_run_and_drops_the_queued_ones(study_file
     async with app.run_test(size=SMALL) as pilot:
         screen = await open_and_read(pilot, app, study_file)
         await pilot.press("r")
+        await confirm_run(pilot, app)
         await wait_for(pilot, lambda: "running" in plan_status(screen).values(), what="the first run to start")
         assert list(plan_status(screen).values()).count("queued") == RUNS - 1
         await pilot.press("c")

@@ -112,9 +112,17 @@ def cmd_presets(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from .errors import UserError
+    from .memory_estimate import check_spec
     from .spec import load_preset
 
     spec = load_preset(args.file)
+    findings = check_spec(spec)  # the estimate the TUI's Inspect shows, against this machine
+    for f in findings:
+        if f.level == "problem":
+            raise UserError(f"{f.key}: {f.message}", f.hint)
+    for f in findings:
+        print(f"warning: {f.message}" + (f" ({f.hint})" if f.hint else ""))
     print(f"ok: {args.file}: {spec.summary()}")
     return EXIT_OK
 

@@ -24,10 +24,20 @@ def host_memory() -> tuple[int, int]:
         return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
 
 
+def process_rss() -> int | None:
+    """This process's resident memory in bytes (None where /proc cannot tell)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def host_device() -> dict:
-    """The host as an entry of ``devices``: its memory now."""
+    """The host as an entry of ``devices``: its memory now, and (``process``) the worker's own resident memory."""
     total, free = host_memory()
-    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "total": total, "free": free}
+    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "total": total, "free": free,
+            "process": process_rss()}
 
 
 def base_hello() -> dict:

@@ -42,7 +42,7 @@ class EngineJobs:
             for index in range(torch.cuda.device_count()):
                 free, total = torch.cuda.mem_get_info(index)
                 devices.append({"kind": "cuda", "index": index, "name": torch.cuda.get_device_name(index),
-                                "total": int(total), "free": int(free)})
+                                "total": int(total), "free": int(free), "process": int(torch.cuda.memory_reserved(index))})
         return devices
 
     def execute(self, job, emit: Emit, cancel: Callable[[], bool]) -> dict:

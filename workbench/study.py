@@ -131,7 +131,8 @@ def _template(base: RunSpec) -> PruneStep:
     if not base.steps:
         return PruneStep()
     if len(base.steps) != 1 or not isinstance(base.steps[0], PruneStep):
-        raise UserError("a study's base spec must have one prune step (or none)", "keep a single [[steps]] with type = \"prune\"; the grid sets its method and sparsity")
+        raise UserError("a study's base spec must have one prune step (or none)",
+                        "keep a single [[steps]] with type = \"prune\"; the grid sets its method and sparsity")
     return base.steps[0]
 
 

@@ -315,8 +315,8 @@ _builtin(
 )
 _builtin("file", _file_documents, "file:PATH", _describe_file, True, text=True)
 _builtin("hf", _hub_documents, "hf:NAME[:CONFIG]:SPLIT[:FIELD]", _describe_hub, True, text=True)
-_builtin("random", "workbench.data.sampling:random_tokens", "random", lambda arg: "uniform random token ids (no text), special tokens excluded",
-         False, cacheable=False)
+_builtin("random", "workbench.data.sampling:random_tokens", "random",
+         lambda arg: "uniform random token ids (no text), special tokens excluded", False, cacheable=False)
 
 
 def _describe_selfgen(arg: str) -> str:
