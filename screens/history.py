@@ -121,16 +121,23 @@ class HistoryScreen(WorkbenchScreen):
         return any(j.run_id and j.run_id not in self._read_runs for j in self.app.state.jobs.values())
 
     def reload(self) -> None:
-        """Read the newest runs and their metrics, and show them; the cursor stays on its run."""
+        """Read the newest runs and their metrics on a thread (the database may wait for another process's lock, or
+        merge a journal, without holding up the screen), then show them; the cursor stays on its run."""
         self._read_runs = {j.run_id for j in self.app.state.jobs.values() if j.run_id}
+        self.run_worker(self._read, thread=True, exclusive=True, group="history-read", exit_on_error=False)
+
+    def _read(self) -> None:
         try:
             with open_history(self.app) as history:
                 records = history.runs(limit=PAGE)
                 metrics = {r.id: history.metrics(r.id) for r in records}
         except (WorkbenchError, sqlite3.Error) as exc:
-            self._show_problem(getattr(exc, "message", None) or f"the run history could not be read: {exc}",
-                               getattr(exc, "hint", None) or "check that WORKBENCH_HOME is a writable folder")
+            self.app.call_from_thread(self._show_problem, getattr(exc, "message", None) or f"the run history could not be read: {exc}",
+                                      getattr(exc, "hint", None) or "check that WORKBENCH_HOME is a writable folder")
             return
+        self.app.call_from_thread(self._show_runs, records, metrics)
+
+    def _show_runs(self, records: list, metrics: dict) -> None:
         self._problem = None
         self._loaded_at = time.monotonic()
         rows = []

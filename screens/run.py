@@ -20,7 +20,7 @@ from textual.widgets import ContentSwitcher, DataTable, ProgressBar, RichLog, St
 from .base import WorkbenchScreen
 from .charts import LayerChart, TrialChart
 from .protocol import protocol_text
-from .state import JobState, WorkerState
+from .state import JobState, WorkerState, layer_value
 from .widgets import ConfirmModal, human_bytes, human_seconds
 
 STATUS_STYLE = {"queued": "yellow", "running": "green", "finished": "green", "failed": "red", "cancelled": "yellow"}
@@ -28,10 +28,6 @@ LOG_STYLE = {"stage": "bold", "warning": "yellow", "error": "bold red", "debug":
 # what went wrong, in a few words, by the error kind the worker or client reported
 FAILURE = {"worker_died": "the worker died", "worker_hung": "the worker stopped answering",
            "out_of_memory": "out of memory", "bad_input": "the setup was rejected"}
-
-
-def is_lowrank(stage: str | None) -> bool:
-    return bool(stage) and stage.startswith("lowrank")
 
 
 def planned_trials(job: JobState, stage: str) -> int | None:
@@ -287,18 +283,17 @@ class RunScreen(WorkbenchScreen):
             self._table_stage, self._table_rows = stage, 0
             table.clear(columns=True)
             table.add_column("layer", key="layer")
-            table.add_column("retained" if is_lowrank(stage) else "sparsity", key="value")
+            table.add_column(job.quantity(stage), key="value")
             table.add_column("time", key="time")
             table.add_column("error", key="error")
             self._switch_view(job)
         rows = job.layers[stage]
-        lowrank = is_lowrank(stage)
+        quantity = job.quantity(stage)
         for r in rows[self._table_rows:]:
             key = str(r["layer"])
             if key in table.rows:  # a layer reported again replaces its row's place in the list: skip it
                 continue
-            value = r.get("sparsity")
-            value = None if value is None else (1 - value if lowrank else value)
+            value = layer_value(r)
             errors = [m["error"] for m in (r.get("modules") or {}).values() if m.get("error") is not None]
             table.add_row(r["layer"], "–" if value is None else f"{value:.4f}", f"{r.get('seconds', 0.0):.2f} s",
                           f"{sum(errors) / len(errors):.4g}" if errors else "–", key=key)
@@ -307,10 +302,12 @@ class RunScreen(WorkbenchScreen):
         if key != self._chart_key:
             self._chart_key = key
             _, values, total, target = job.layer_values(stage)
-            if lowrank:
-                values = [None if v is None else 1 - v for v in values]
-                self.query_one(LayerChart).update_layers(values, total=total, target=None if target is None else 1 - target,
-                                                         title="rank ratio per layer", ylabel="retained")
+            if quantity == "retained":
+                self.query_one(LayerChart).update_layers(values, total=total, target=target, title="rank ratio per layer",
+                                                         ylabel="retained")
+            elif quantity == "removed":
+                self.query_one(LayerChart).update_layers(values, total=total, target=target,
+                                                         title="parameters removed per layer", ylabel="removed")
             else:
                 self.query_one(LayerChart).update_layers(values, total=total, target=target)
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+from workbench.registry import step_type
+from workbench.spec.validate import build_step
+
 ACTIVE = ("queued", "running")
 
 
@@ -84,6 +87,7 @@ class JobState:
     stages: dict[str, StageState] = field(default_factory=dict)
     current: str | None = None
     layers: dict[str, list[dict]] = field(default_factory=dict)  # stage -> LayerDone dicts, by layer index
+    plans: dict[str, dict] = field(default_factory=dict)  # stage -> its planned stage (StagePlan): title, total, quantity
     trials: dict[str, list[dict]] = field(default_factory=dict)  # stage -> Trial dicts
     metrics: list[dict] = field(default_factory=list)
     logs: LogLines = field(default_factory=LogLines)  # (level, message); stage starts and ends included
@@ -151,8 +155,12 @@ class JobState:
         at = self._eta_mark[1]
         return max(0.0, (at - self.started) * (1 - done) / done - (now - at))
 
+    def quantity(self, stage: str | None) -> str:
+        """What a stage's per-layer value is (its plan's quantity): sparsity, retained or removed."""
+        return (self.plans.get(stage or "") or {}).get("quantity") or "sparsity"
+
     def layer_values(self, stage: str | None = None) -> tuple[str | None, list[float | None], int | None, float | None]:
-        """(stage, per-layer achieved sparsity, layer count, target) of the latest stage with layers."""
+        """(stage, per-layer values in the stage's planned quantity, layer count, target in the same terms)."""
         stage = stage or next(reversed(self.layers), None)
         if stage is None:
             return None, [], None, None
@@ -161,8 +169,9 @@ class JobState:
         values: list[float | None] = [None] * (total or (max(r["layer"] for r in rows) + 1 if rows else 0))
         for r in rows:
             if r["layer"] < len(values):
-                values[r["layer"]] = r.get("sparsity")
-        target = rows[-1].get("target") if rows else None
+                values[r["layer"]] = layer_value(r)
+        plan = self.plans.get(stage) or {}
+        target = plan.get("target") if plan.get("target") is not None else (rows[-1].get("target") if rows else None)
         return stage, values, total, target
 
     def metric_value(self, dataset: str, phase: str, name: str = "perplexity") -> float | None:
@@ -172,13 +181,18 @@ class JobState:
         return None
 
 
+def layer_value(row: dict) -> float | None:
+    """A LayerDone's value in its stage's planned quantity (older workers sent only ``sparsity``)."""
+    return row.get("value") if row.get("value") is not None else row.get("sparsity")
+
+
 def _step_stages(step: dict, index: int) -> list[str]:
-    """The stages one compression step goes through (a low-rank step has several, see workbench.lowrank.step)."""
-    kind = step.get("type", "prune")
-    if kind != "lowrank":
+    """The stages one compression step goes through: its type's plan (``workbench.registry``), as the engine announces it."""
+    kind = step.get("type", "prune") if isinstance(step, dict) else "?"
+    try:
+        return [s.stage for s in step_type(kind).plan(build_step(step, index), index, 0)]
+    except Exception:  # noqa: BLE001 - a half-edited step: one stage named after its type, as a fallback
         return [f"{kind}:{index}"]
-    parts = {"search": ["statistics", "search", "apply"], "energy": ["statistics", "apply"]}.get(step.get("allocation"), ["apply"])
-    return [f"lowrank:{index}:{part}" for part in parts]
 
 
 @dataclass
@@ -273,6 +287,9 @@ class UIState:
             if stage.total:
                 stage.done = stage.total
             job.logs.append(("stage", f"{stage.title or stage.name}: done in {stage.seconds:.1f} s"))
+        elif kind == "stage_plan":
+            for planned in e.get("stages") or []:
+                job.plans[planned["stage"]] = planned
         elif kind == "layer_done":
             rows = job.layers.setdefault(e["stage"], [])
             rows[:] = [r for r in rows if r["layer"] != e["layer"]] + [e]

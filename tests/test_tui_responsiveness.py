@@ -224,7 +224,10 @@ async def test_history_keeps_its_table_for_the_same_runs_and_reads_runs_made_els
         clear = table.clear
         table.clear = lambda *a, **k: (cleared.append(1), clear(*a, **k))[1]
 
+        loaded = screen._loaded_at
         screen.reload()  # the same runs: the table stays as it is, mark and cursor included
+        await app.workers.wait_for_complete()  # the read runs on a thread
+        await wait_for(pilot, lambda: screen._loaded_at != loaded, what="the runs read again")
         assert cleared == [] and screen.marked == {older}
         assert str(table.get_cell(older, "mark")) == history_screen.MARK and screen.cursor_run() == older
 

@@ -55,11 +55,12 @@ class Progress(Event):
 class StagePlan(Event):
     """The stages a compression step will go through, announced as it begins (``workbench.registry.PlannedStage``).
 
-    Each stage is ``{"stage", "title", "total", "quantity"}``; ``quantity``
-    says what the stage's ``LayerDone.value`` is: ``sparsity`` (fraction of
-    weights removed), ``retained`` (fraction of parameters kept) or
-    ``removed`` (fraction of parameters removed); None when it reports no
-    per-layer value.
+    Each stage is ``{"stage", "title", "total", "quantity", "target"}``;
+    ``quantity`` says what the stage's ``LayerDone.value`` is: ``sparsity``
+    (fraction of weights removed), ``retained`` (fraction of parameters
+    kept) or ``removed`` (fraction of parameters removed); None when it
+    reports no per-layer value. ``target`` is the step's target in the same
+    terms when one value holds for every layer.
     """
 
     type = "stage_plan"

@@ -46,9 +46,11 @@ class PlannedStage:
     title: str
     total: int | None = None
     quantity: str | None = None  # sparsity | retained | removed: what LayerDone.value means; None: no per-layer value
+    target: float | None = None  # the step's target in the quantity's terms, where one value holds for every layer
 
     def to_dict(self) -> dict:
-        return {"stage": self.stage, "title": self.title, "total": self.total, "quantity": self.quantity}
+        return {"stage": self.stage, "title": self.title, "total": self.total, "quantity": self.quantity,
+                "target": self.target}
 
 
 @dataclass(frozen=True)

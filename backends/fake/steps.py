@@ -30,29 +30,34 @@ def structured(run, index: int, step) -> tuple[dict, float]:
 
 
 def prune(run, index: int, step) -> tuple[dict, float]:
-    """A pruning step (or any step type without its own fake): LayerDone at the target, or progress only."""
+    """A pruning step: one LayerDone per layer at the target, and the engine's report (method, pattern, allocation,
+    target, achieved sparsity, per-layer entries; the OWL ratios and the LM head when they apply)."""
     name = f"{step.type}:{index}"
-    target = getattr(step, "sparsity", None)
-    report = {"type": step.type, "label": step.label(), "layers": []}
+    nm = step.nm
+    target = nm[0] / nm[1] if nm else step.sparsity
+    report = {"type": step.type, "label": step.label(), "method": step.method, "pattern": step.pattern,
+              "allocation": step.allocation, "target": target, "layers": []}
 
     def layer(i: int) -> None:
-        if target is None:
-            run.emit(Progress(stage=name, done=i + 1, total=run.layers, detail=f"layer {i}"))
-            return
-        modules = {n: {"shape": s, "sparsity": target, "zeros": round(target * s[0] * s[1]), "numel": s[0] * s[1],
+        modules = {n: {"shape": s, "zeros": round(target * s[0] * s[1]), "numel": s[0] * s[1], "sparsity": target,
                        "target": target} for n, s in run.shapes.items()}
-        done = LayerDone(stage=name, layer=i, total=run.layers, sparsity=target, target=target,
-                         seconds=run.options.delay, modules=modules)
-        report["layers"].append({k: v for k, v in done.to_dict().items() if k not in ("type", "stage", "total")})
-        run.emit(done)
+        report["layers"].append({"layer": i, "target": target, "sparsity": target, "modules": modules,
+                                 "seconds": run.options.delay})
+        run.emit(LayerDone(stage=name, layer=i, total=run.layers, sparsity=target, target=target,
+                           seconds=run.options.delay, modules=modules))
 
-    run.stage(name, step.label(), run.layers, layer, failing=True)
+    run.stage(name, f"Pruning: {step.label()}", run.layers, layer, failing=True)
     report["seconds"] = run.timings[name]
-    if target is not None:
-        report["sparsity"] = target
-    else:
-        report["headline"] = {"fake": "no change"}
-    return report, target or 0.0
+    report["sparsity"] = target
+    if step.include_lm_head:
+        o, i = run.vocab, HIDDEN  # the LM head's (out, in)
+        report["lm_head"] = {"shape": [o, i], "zeros": round(target * o * i), "numel": o * i, "sparsity": target,
+                             "target": target}
+    if step.allocation == "owl":
+        report["outlier_ratios"] = [round(5.0 + 0.1 * i, 2) for i in range(run.layers)]
+    run.emit(Log(message=f"{step.label()}: achieved sparsity {target:.4f} of the decoder's linear weights"))
+    return report, target
+
 
 # ---------------------------------------------------------------- low-rank
 def lowrank_modules(run, retention: float) -> dict:
@@ -89,13 +94,15 @@ def lowrank(run, index: int, step) -> tuple[dict, float]:
         title = f"Applying trial {report['search']['best']['number']} sequentially"
     elif step.allocation == "energy":
         report["energy"] = step.energy or retention
+    else:
+        report["ratio"] = round(retention, 4)
     modules = lowrank_modules(run, retention)
     entries: list[dict] = []
 
     def layer(i: int) -> None:
         entries.append({"layer": i, "retained": retention, "seconds": run.options.delay, "modules": modules})
         run.emit(LayerDone(stage=f"{stage}:apply", layer=i, total=layers, sparsity=1 - retention, target=1 - retention,
-                            seconds=run.options.delay, modules=modules))
+                            seconds=run.options.delay, modules=modules, value=retention))
 
     run.stage(f"{stage}:apply", title, layers, layer, failing=True)
     dense = layers * sum(o * i for o, i in run.shapes.values())
@@ -216,7 +223,7 @@ def width(run, index: int, step) -> tuple[dict, float]:
         layers.append({"layer": i, "intermediate_size": channels, "num_heads": run.heads, "num_kv_heads": groups,
                        "removed": removed, "seconds": run.options.delay})
         run.emit(LayerDone(stage=name, layer=i, total=total, sparsity=removed, target=removed,
-                            seconds=run.options.delay, modules=modules))
+                            seconds=run.options.delay, modules=modules, value=removed))
 
     run.stage(name, step.label(), total, layer, failing=True)
     headline = {}
@@ -245,6 +252,7 @@ def vocab(run, index: int, step) -> tuple[dict, float]:
     c = run.spec.calibration
     report = {"type": "vocab", "label": step.label(), "seconds": run.timings[name],
               "source": step.source or c.source, "counted_tokens": c.nsamples * (c.seqlen or 512),
-              "vocab_before": before, "vocab_after": size,
-              "headline": {"vocabulary": f"{before} -> {size} tokens"}}
+              "vocab_before": before, "vocab_after": size, "by_frequency": size - 256, "coverage": size / before,
+              "headline": {"vocabulary": f"{before} -> {size} tokens",
+                           "counted tokens kept as they are": f"{size / before:.2%}"}}
     return report, 2 * (before - size) * HIDDEN / params

@@ -152,7 +152,7 @@ def plan(step: LowRankStep, index: int, layers: int) -> list[PlannedStage]:
         stages.append(PlannedStage(f"{stage}:search", f"Rank search: {step.trials} trials ({step.sampler}, {step.space} space)",
                                    step.trials))
     title = "Applying the best trial sequentially" if step.allocation == "search" else f"Low-rank: {step.label()}"
-    stages.append(PlannedStage(f"{stage}:apply", title, layers, "retained"))
+    stages.append(PlannedStage(f"{stage}:apply", title, layers, "retained", step.retention))
     return stages
 
 

@@ -69,7 +69,27 @@ def run_worker(config: dict, index: int) -> None:
     study = S.quiet_optuna().load_study(study_name=config["study"], storage=storage)
     study.sampler = S.make_sampler(step.sampler, step.seed + 1009 * (index + 1) + len(study.get_trials(deepcopy=False)))
     setup = S.SearchSetup(budget, space, factors, objective, step.retention, step.slack, loaded.dtype)
+    _wait_for_the_others(config, index)
     S.run_trials(study, setup.trial_function(S.worker_id()), step.trials)
+
+
+def _wait_for_the_others(config: dict, index: int, patience: float = 120.0) -> None:
+    """Start trials together: a worker that loaded first would otherwise take every trial of a short study.
+
+    Each worker marks itself ready, then waits (at most ``patience`` seconds, so
+    a worker that failed to start holds nobody up) until all have.
+    """
+    import time
+
+    ready, workers = config.get("ready"), int(config.get("workers", 1))
+    if not ready or workers < 2:
+        return
+    folder = Path(ready)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / str(index)).touch()
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline and sum(1 for _ in folder.iterdir()) < workers:
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

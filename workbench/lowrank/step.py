@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -213,8 +214,10 @@ class LowRankRun:
         device = torch.device(self.loaded.device)
         config = {"spec": ctx.spec.to_dict(), "step": self.index, "storage": opened["storage"], "study": opened["name"],
                   "factors": str(factors_path), "fingerprint": fingerprint, "device": device.type,
-                  "batch_size": ctx.spec.calibration.batch_size}
+                  "batch_size": ctx.spec.calibration.batch_size, "workers": step.workers,
+                  "ready": str(folder / f"ready-{ctx.run_id}")}
         config_path = folder / f"workers-{ctx.run_id}.json"
+        shutil.rmtree(config["ready"], ignore_errors=True)   # a resumed search's workers wait for each other again
         config_path.write_text(json.dumps(config, default=str))
         gpus = [str(i) for i in range(torch.cuda.device_count())] if device.type == "cuda" else []
         threads = max(1, (os.cpu_count() or 1) // step.workers)
@@ -242,6 +245,7 @@ class LowRankRun:
                 time.sleep(S.POLL_SECONDS)
         finally:
             _stop(procs, graceful=sys.exc_info()[0] is None)
+            shutil.rmtree(config["ready"], ignore_errors=True)
 
 
 def _stop(procs: list, graceful: bool) -> None:

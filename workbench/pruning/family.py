@@ -130,7 +130,9 @@ def validate_prune_step(step: PruneStep, where: str = "step") -> None:
 
 
 def plan(step: PruneStep, index: int, layers: int) -> list[PlannedStage]:
-    return [PlannedStage(f"prune:{index}", f"Pruning: {step.label()}", layers, "sparsity")]
+    nm = step.nm
+    target = None if step.allocation == "owl" else (nm[0] / nm[1] if nm else step.sparsity)  # OWL: per layer
+    return [PlannedStage(f"prune:{index}", f"Pruning: {step.label()}", layers, "sparsity", target)]
 
 
 register(StepType(
