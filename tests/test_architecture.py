@@ -30,7 +30,8 @@ ROOTS = {"workbench": REPO / "workbench", "workbench.screens": REPO / "screens",
 HEAVY = ("torch", "transformers", "safetensors", "datasets", "lm_eval", "optuna", "accelerate", "numpy")
 TORCH_FREE = ("workbench.screens", "workbench.spec", "workbench.registry", "workbench.backends.client",
               "workbench.backends.protocol", "workbench.backends.transports", "workbench.pruning.family",
-              "workbench.lowrank.family", "workbench.structured.family", "workbench.data.sources", "workbench.events",
+              "workbench.lowrank.family", "workbench.structured.family", "workbench.data.sources", "workbench.data.mixtures",
+              "workbench.data.evaluation_text", "workbench.data.windows", "workbench.events",
               "workbench.history", "workbench.errors", "workbench.files", "workbench.host", "workbench.model_source")
 ENGINE = ("workbench.engine", "workbench.jobs", "workbench.models", "workbench.sweep", "workbench.context",
           "workbench.layerwise", "workbench.observers", "workbench.preflight")

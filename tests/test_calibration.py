@@ -440,6 +440,63 @@ def test_a_registered_source_is_valid_everywhere_it_is_asked(tok, monkeypatch, t
     assert preview["description"] == "my own text" and preview["windows"] == 2 and preview["documents"] == 1
 
 
+def test_a_registered_text_source_seeds_selfgen_and_others_do_not(monkeypatch):
+    """text=True puts a source among the text corpora, for validation (selfgen:CORPUS, calibration.selfgen.corpus),
+    for text_documents and for selfgen's seed texts alike; a registered token source is refused by all three."""
+    from workbench.data.sampling import text_documents
+    from workbench.data.selfgen import seed_texts
+    from workbench.spec import spec_from_dict
+
+    monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))
+    paragraphs = [words_text(f"p{i}", 20) for i in range(3)]
+    calls = []
+
+    def notes(arg, tokenizer, nsamples, seqlen, seed, model):
+        calls.append((tokenizer, model))
+        return ["\n\n".join(paragraphs), "   "]
+
+    register_source("notes", notes, description="my notes", takes_arg=False, text=True)
+    register_source("ids", lambda arg, t, n, s, seed, m: torch.zeros(n, s, dtype=torch.long), takes_arg=False)
+    assert "notes" in sources.text_source_names() and "ids" not in sources.text_source_names()
+
+    spec = spec_from_dict({"calibration": {"source": "mix:selfgen:notes=0.5,c4=0.5", "selfgen": {"corpus": "notes"}}})
+    assert spec.calibration.selfgen.corpus == "notes"
+    assert text_documents("notes") == ["\n\n".join(paragraphs)]  # the blank document dropped
+    assert seed_texts("notes") == paragraphs  # cut at blank lines
+    assert calls and all(c == (None, None) for c in calls)  # a text corpus needs no tokenizer or model
+
+    for data, message in (({"source": "selfgen:ids"}, "calibration.source: 'ids' is not a seed corpus for selfgen"),
+                          ({"selfgen": {"corpus": "ids"}}, "calibration.selfgen.corpus: 'ids' is not a seed corpus for selfgen")):
+        with pytest.raises(UserError) as err:
+            spec_from_dict({"calibration": data})
+        assert err.value.message == message
+        assert "notes" in err.value.hint and "file:PATH" in err.value.hint and "ids" not in err.value.hint
+    with pytest.raises(UserError, match="'ids' is not a text corpus") as err:
+        text_documents("ids")
+    assert "notes" in err.value.hint
+
+
+def test_a_registered_source_checks_its_argument_wherever_it_is_named(monkeypatch):
+    """A source's check runs at validation time, alone and inside a mixture; the engine is never reached with a bad argument."""
+    from workbench.spec import spec_from_dict
+
+    monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))
+
+    def check(arg: str, key: str) -> None:
+        if not arg.isdigit():
+            raise UserError(f"{key}: shard {arg!r} is not a shard number", "write shard:N with N a whole number")
+
+    register_source("shard", lambda arg, t, n, s, seed, m: [words_text(arg, 100)], takes_arg=True, check=check)
+    assert spec_from_dict({"calibration": {"source": "shard:3"}}).calibration.source == "shard:3"
+    assert spec_from_dict({"calibration": {"source": "mix:shard:3=0.5,c4=0.5"}}).calibration.source.startswith("mix:")
+    for source, key in (("shard:x", "calibration.source"), ("mix:c4=0.5,shard:x=0.5", "calibration.source (in the mixture)")):
+        with pytest.raises(UserError) as err:
+            spec_from_dict({"calibration": {"source": source}})
+        assert err.value.message == f"{key}: shard 'x' is not a shard number"
+    with pytest.raises(UserError, match="needs an argument"):
+        spec_from_dict({"calibration": {"source": "shard"}})
+
+
 def test_corrupt_parquet_is_a_user_error(tmp_path):
     path = tmp_path / "broken.parquet"
     path.write_bytes(b"this is not parquet" * 8)

@@ -19,6 +19,26 @@ def test_package_spec_presets_history_do_not_import_torch():
     assert "torch" not in mods and "transformers" not in mods
 
 
+def test_the_data_registries_do_not_import_torch():
+    """What validation and the UI ask of workbench.data (calibration sources, mixtures, evaluation texts, window
+    lengths, the calib command's parser) stays light, file and Hub sources included."""
+    mods = _modules_after(
+        "from workbench.data import evaluation_text, mixtures, sources, windows\n"
+        "from workbench.spec import spec_from_dict\n"
+        "sources.check_source('mix:c4=0.5,selfgen:books=0.25,random=0.25')\n"
+        "for s in ('hf:allenai/c4:en:validation', 'file:notes.jsonl', 'selfgen:c4', 'mix:c4=0.5,books=0.5'):\n"
+        "    sources.describe_source(s)\n"
+        "assert 'c4' in sources.text_source_names() and mixtures.mixture_counts(mixtures.parse_mixture('a=0.5,b=0.5'), 4) == [2, 2]\n"
+        "evaluation_text.check_evaluation_set('file:notes.txt'); evaluation_text.describe_evaluation_set('c4')\n"
+        "assert windows.window_length(4096, 2048, 'calibration.seqlen', lambda m: None) == 2048\n"
+        "spec_from_dict({'calibration': {'source': 'selfgen:file:x.txt', 'compare': 'random', 'selfgen': {'corpus': 'hf:a:train'}},\n"
+        "                'evaluate': {'perplexity': ['books', 'file:x.txt']}})\n"
+        "from workbench.cli import build_parser\nbuild_parser()"
+    )
+    assert {"workbench.data.sources", "workbench.data.mixtures", "workbench.data.evaluation_text", "workbench.data.cli"} <= mods
+    assert not {"torch", "transformers", "datasets"} & mods
+
+
 def test_cli_validate_does_not_import_torch():
     mods = _modules_after("from workbench.cli import main\nmain(['validate', 'quickstart'])")
     assert "workbench.cli" in mods

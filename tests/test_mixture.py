@@ -15,7 +15,7 @@ from scipy.spatial.distance import jensenshannon
 from shared_data import shared_path
 from workbench.data import sources as calibration
 from workbench.data.sampling import calibration_data, calibration_samples
-from workbench.data.sources import mixture_counts, parse_mixture
+from workbench.data.mixtures import mixture_counts, parse_mixture
 from workbench.data.summary import calibration_summary, token_divergence
 from workbench.cli import main
 from workbench.engine import Run

@@ -135,6 +135,44 @@ def test_jsonl_eval_text_joins_documents(tmp_path):
     assert eval_text(f"file:{path}") == "one\n\ntwo"
 
 
+def test_a_registered_evaluation_text_is_validated_read_and_measured(tok, monkeypatch):
+    """One registry: a text added with register_evaluation_set passes spec validation, eval_tokens reads it (its
+    max_windows kept), and a run measures it; unknown names are refused with the registered ones listed."""
+    import torch.nn.functional as F
+
+    from workbench.data import evaluation_text as ev
+    from workbench.engine import Run
+    from workbench.spec import spec_from_dict
+
+    monkeypatch.setattr(ev, "_SETS", dict(ev._SETS))
+    text = "".join(f"Line {i} of my own evaluation text, about {i * 31 % 97} pears.\n" for i in range(300))
+    ev.register_evaluation_set("mine", lambda arg: text, description="my text", max_windows=3)
+    assert "mine" in ev.evaluation_set_names() and ev.describe_evaluation_set("mine") == "my text"
+
+    full = tok(text, return_tensors="pt", verbose=False).input_ids
+    assert full.shape[1] > 3 * 16
+    assert torch.equal(eval_tokens("mine", tok, 16), full[:, : 3 * 16])
+    assert eval_text("mine") == text
+
+    spec = spec_from_dict({"model": {"name": "demo", "dtype": "float32"},
+                           "evaluate": {"perplexity": ["mine"], "seqlen": 16, "limit": 2}})
+    run = Run(spec)
+    summary = run.execute()
+    (metric,) = [m for m in summary["metrics"] if m["name"] == "perplexity"]
+    assert (metric["dataset"], metric["windows"], metric["seqlen"]) == ("mine", 2, 16)
+    with torch.no_grad():  # independently: the mean of each window's mean next-token loss
+        windows = full[0, :32].reshape(2, 16)
+        logits = run.loaded.model(input_ids=windows).logits.float()
+        losses = [F.cross_entropy(logits[w, :-1], windows[w, 1:]) for w in range(2)]
+    assert metric["value"] == pytest.approx(math.exp(float(sum(losses)) / 2), rel=1e-5)
+
+    for bad in ("nope", "mine:x"):
+        with pytest.raises(UserError) as err:
+            spec_from_dict({"evaluate": {"perplexity": [bad]}})
+        assert err.value.message == f"evaluate.perplexity: unknown dataset {bad!r}"
+        assert "mine" in err.value.hint and "file:PATH" in err.value.hint
+
+
 @pytest.mark.parametrize("dataset", ["ptb", "", "wikitext2:x", "file:"])
 def test_unknown_eval_dataset(dataset):
     with pytest.raises(UserError) as err:

@@ -54,6 +54,8 @@ def test_labels_say_what_the_step_does():
     ({"type": "vocab", "size": 100}, "not larger than the byte alphabet", "any text"),
     ({"type": "vocab", "fraction": 1.5}, "steps.0.fraction = 1.5 is outside (0, 1)", "fraction of the vocabulary"),
     ({"type": "vocab", "size": 4096, "source": "nowhere"}, "steps.0.source = 'nowhere' is not a calibration source", "file:PATH"),
+    ({"type": "vocab", "size": 4096, "source": "random"}, "steps.0.source = 'random' is not a text corpus", "books"),
+    ({"type": "vocab", "size": 4096, "source": "mix:c4=0.5,books=0.5"}, "is not a text corpus", "file:PATH"),
 ])
 def test_impossible_settings_get_one_clear_message(step, message, hint):
     with pytest.raises(UserError) as info:

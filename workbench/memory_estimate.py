@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data.windows import default_seqlen
+from .data.windows import window_length
 from .errors import UserError
 from .host import host_memory
 from .model_source import resolve_model_source
@@ -148,8 +148,9 @@ class Finding:
 
 
 def estimate(size: ModelSize, nsamples: int, seqlen: int | None, offload: bool = False) -> Estimate:
-    """The memory of a run with ``nsamples`` calibration samples of ``seqlen`` tokens (None: min(2048, context))."""
-    seqlen = seqlen or default_seqlen(size.context_length)
+    """The memory of a run with ``nsamples`` calibration samples of ``seqlen`` tokens, as the run cuts them
+    (``workbench.data.windows``: None is min(2048, context), and a longer window is capped at the context)."""
+    seqlen = window_length(seqlen, size.context_length)
     per_sample = 2 * seqlen * size.hidden_size * size.dtype_bytes
     return Estimate(size.total_params * size.dtype_bytes, size.largest_layer_params * size.dtype_bytes, per_sample,
                     nsamples, seqlen, size.dtype, offload)

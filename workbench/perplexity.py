@@ -1,17 +1,11 @@
 """Perplexity as the pruning papers measure it (SparseGPT, Wanda).
 
-The evaluation text is tokenized in one call, cut into non-overlapping
-windows of ``seqlen`` tokens (the last partial window is dropped), and
-``ppl = exp(mean over windows of the window's mean next-token loss)``, which
-equals the references' ``exp(sum(loss * seqlen) / (windows * seqlen))``.
-
-- ``wikitext2``: the WikiText-2 raw test rows joined by ``"\\n\\n"``.
-- ``c4``: the first 1,100 bundled C4 validation documents joined by ``" "``,
-  truncated to 256 windows (SparseGPT's C4 protocol).
-- ``books``: four held-out Project Gutenberg books (``assets/data/books-eval.txt``),
-  in-domain text the bundled demo model never saw; calibration on ``books``
-  uses two other books.
-- ``file:PATH``: the text of a local file (``workbench.data.corpora.file_text``).
+The evaluation text (``workbench.data.evaluation_text``: ``wikitext2``, ``c4``,
+``books``, ``file:PATH`` and any registered text) is tokenized in one call, cut
+into non-overlapping windows of ``seqlen`` tokens (the last partial window is
+dropped), and ``ppl = exp(mean over windows of the window's mean next-token
+loss)``, which equals the references' ``exp(sum(loss * seqlen) / (windows *
+seqlen))``.
 
 torch is imported only when tokens are built or a model is evaluated.
 """
@@ -22,19 +16,15 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from workbench.data import corpora
 from workbench.data.cache import tokenizer_fingerprint
+from workbench.data.evaluation_text import evaluation_text, resolve_evaluation_set
 from workbench.errors import Cancelled, UserError
 
 if TYPE_CHECKING:
     import torch
 
-EVAL_DATASETS = ("wikitext2", "c4", "books", "file:PATH")
-C4_EVAL_DOCUMENTS = 1100
-C4_EVAL_WINDOWS = 256
 # float32 logits handled at once when computing losses (128 MiB): bounds the
 # memory a large vocabulary adds on top of the model's own logits.
 _CHUNK_ELEMENTS = 1 << 25
@@ -44,28 +34,9 @@ _TOKENS_CACHE_SIZE = 6
 _TOKENS_LOCK = threading.Lock()
 
 
-def _parse(dataset: str) -> tuple[str, str]:
-    if not isinstance(dataset, str) or not dataset.strip():
-        raise UserError("no evaluation dataset given", hint=f"use one of: {', '.join(EVAL_DATASETS)}")
-    name, sep, arg = dataset.strip().partition(":")
-    name = name.strip().lower()
-    if name == "file" and arg.strip():
-        return "file", arg.strip()
-    if name in ("wikitext2", "c4", "books") and not sep:
-        return name, ""
-    raise UserError(f"unknown evaluation dataset {dataset!r}", hint=f"use one of: {', '.join(EVAL_DATASETS)}")
-
-
 def eval_text(dataset: str) -> str:
-    """The text perplexity is measured on: ``wikitext2``, ``c4``, ``books`` or ``file:PATH`` (see the module docstring)."""
-    name, arg = _parse(dataset)
-    if name == "wikitext2":
-        return corpora.wikitext2_text("test")
-    if name == "books":
-        return corpora.books_text("eval")
-    if name == "c4":
-        return " ".join(corpora.c4_documents("validation")[:C4_EVAL_DOCUMENTS])
-    return corpora.file_text(arg)
+    """The text perplexity is measured on (``workbench.data.evaluation_text``)."""
+    return evaluation_text(dataset)
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -78,24 +49,18 @@ def eval_tokens(dataset: str, tokenizer, seqlen: int) -> "torch.Tensor":
     """The evaluation text's token ids, a ``(1, N)`` long tensor.
 
     One tokenizer call on the whole text, with the tokenizer's defaults (as
-    the papers do, so a Llama BOS comes first). For ``c4`` only the first
-    ``256 * seqlen`` tokens are kept. Cached in-process by (dataset, file
-    size and mtime for ``file:``, tokenizer identity, seqlen), since a run
+    the papers do, so a Llama BOS comes first). For a set with
+    ``max_windows`` (``c4``: 256) only the first ``max_windows * seqlen``
+    tokens are kept. Cached in-process by (dataset, its stamp: file size and
+    mtime for ``file:``, tokenizer identity, seqlen), since a run
     evaluates before and after compression; a fresh copy is returned.
     """
     import torch
 
     seqlen = _positive_int("seqlen", seqlen, 2)
-    name, arg = _parse(dataset)
-    stamp = None
-    if name == "file":
-        path = Path(arg).expanduser()
-        try:
-            st = path.stat()
-            stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-        except OSError:
-            stamp = None  # eval_text raises the proper error below
-    key = (name, arg, stamp, json.dumps(tokenizer_fingerprint(tokenizer), sort_keys=True), seqlen)
+    entry, arg = resolve_evaluation_set(dataset)
+    stamp = entry.stamp(arg) if entry.stamp is not None else None
+    key = (entry.name, arg, stamp, json.dumps(tokenizer_fingerprint(tokenizer), sort_keys=True), seqlen)
     with _TOKENS_LOCK:
         cached = _TOKENS_CACHE.get(key)
         if cached is not None:
@@ -105,8 +70,8 @@ def eval_tokens(dataset: str, tokenizer, seqlen: int) -> "torch.Tensor":
     text = eval_text(dataset)
     ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"]
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
-    if name == "c4":
-        ids = ids[:, : C4_EVAL_WINDOWS * seqlen]
+    if entry.max_windows is not None:
+        ids = ids[:, : entry.max_windows * seqlen]
     ids = ids.contiguous()
     with _TOKENS_LOCK:
         _TOKENS_CACHE[key] = ids

@@ -1,7 +1,9 @@
 """``workbench calib``: preview a calibration source, or export a self-generated set. No torch at import.
 
-The commands load the model and build windows exactly as a run does (the
-engine's data modules are imported when a command runs).
+The commands load the model and build windows exactly as a run does: ``preview``
+prints what the worker's preview job answers (``workbench.data.preview``). The
+engine's modules (torch) are imported when a command runs, not when the CLI
+builds its parser.
 """
 
 from __future__ import annotations
@@ -52,15 +54,6 @@ def _calib_spec(args) -> RunSpec:
     return spec_from_dict(data)
 
 
-def _load_for(spec: RunSpec):
-    from workbench.models import load_spec_model
-
-    loaded = load_spec_model(spec.model)
-    seqlen = window_length(spec.calibration.seqlen, loaded.adapter.context_length, "--seqlen",
-                           lambda message: print(f"warning: {message}", file=sys.stderr))
-    return loaded, seqlen
-
-
 def _selfgen_set(spec: RunSpec, loaded, seqlen: int, console):
     """The generated set of a ``selfgen[:CORPUS]`` source (from the cache when it was made before), with a progress bar."""
     from rich.progress import Progress
@@ -79,52 +72,53 @@ def _selfgen_set(spec: RunSpec, loaded, seqlen: int, console):
 
 
 def cmd_calib_preview(args) -> int:
+    """The preview job's answer (``workbench.data.preview``), printed: more windows read, the comparison, ``--show`` windows."""
     from rich.console import Console
     from rich.table import Table
 
-    from workbench.history import cache_dir
+    from workbench.events import WarningEvent
+    from workbench.models import load_spec_model
 
-    from .sampling import calibration_data
-    from .sources import SourceContext, describe_source
-    from .summary import calibration_summary
+    from .preview import preview_calibration
+    from .sources import describe_source
+    from .summary import SUMMARY_WINDOWS
 
     spec = _calib_spec(args)
     c = spec.calibration
     console = Console()
-    loaded, seqlen = _load_for(spec)
+    loaded = load_spec_model(spec.model)
     console.print(f"[bold]{c.source}[/]: {describe_source(c.source)}")
     if c.source.split(":")[0] == "selfgen":
-        gset = _selfgen_set(spec, loaded, seqlen, Console(stderr=True))
+        gset = _selfgen_set(spec, loaded, window_length(c.seqlen, loaded.adapter.context_length), Console(stderr=True))
         rate = f", {gset.new_tokens / gset.seconds:,.0f} tokens/s" if gset.seconds else ""
         console.print(f"generated {len(gset.samples)} texts ({gset.new_tokens:,} new tokens in {gset.seconds:.1f} s{rate}"
                       f"{', from the cache' if gset.from_cache else ''}); kept {len(gset.kept)} below the perplexity "
                       f"threshold {gset.threshold:.2f}")
-    context = SourceContext(options={"selfgen": c.selfgen}, device=loaded.device)
 
-    def build(source, with_documents):
-        return calibration_data(source, loaded.tokenizer, c.nsamples, seqlen, c.seed, cache_dir() / "calibration", loaded.model,
-                                context, with_documents=with_documents)
+    def emit(event) -> None:
+        if isinstance(event, WarningEvent):
+            print(f"warning: {event.message}", file=sys.stderr)
 
-    data = build(c.source, True)
-    compare = build(c.compare, False) if c.compare else None
-    summary = calibration_summary(data, loaded.tokenizer, loaded.model, loaded.device, compare=compare)
-    table = Table(title=f"calibration data: {c.nsamples} x {seqlen} tokens of {c.source}, seed {c.seed}")
+    result = preview_calibration(spec, emit, loaded=loaded, compare=True, max_windows=SUMMARY_WINDOWS, show=args.show,
+                                 seqlen_key="--seqlen")
+    table = Table(title=f"calibration data: {c.nsamples} x {result['seqlen']} tokens of {c.source}, seed {c.seed}")
     table.add_column("what")
     table.add_column("value", justify="right")
-    table.add_row("documents", f"{summary['documents']:,}" if summary["documents"] is not None else "- (token ids)")
-    table.add_row("tokens in the documents", f"{summary['tokens']:,}" if summary["tokens"] is not None else "-")
-    table.add_row(f"dense perplexity on the windows (the first {summary['perplexity_windows']})", f"{summary['perplexity']:.2f}")
-    if compare is not None:
-        table.add_row(f"token JS divergence from {c.compare}", f"{summary['divergence']['js_bits']:.4f} bits")
+    table.add_row("documents", f"{result['documents']:,}" if result["documents"] is not None else "- (token ids)")
+    table.add_row("tokens in the documents", f"{result['document_tokens']:,}" if result["document_tokens"] is not None else "-")
+    table.add_row(f"dense perplexity on the windows (the first {result['perplexity_windows']})", f"{result['perplexity']:.2f}")
+    if "divergence" in result:
+        table.add_row(f"token JS divergence from {c.compare}", f"{result['divergence']['js_bits']:.4f} bits")
     console.print(table)
-    for i in range(min(args.show, c.nsamples)):
-        text = loaded.tokenizer.decode(data.ids[i].tolist())
-        console.print(f"[bold]window {i}[/]: {text[:400]!r}{' ...' if len(text) > 400 else ''}", highlight=False)
+    for sample in result["samples"]:
+        console.print(f"[bold]window {sample['window']}[/]: {sample['text']!r}{' ...' if sample['truncated'] else ''}", highlight=False)
     return 0
 
 
 def cmd_calib_export(args) -> int:
     from rich.console import Console
+
+    from workbench.models import load_spec_model
 
     from .selfgen import export_jsonl
 
@@ -132,7 +126,9 @@ def cmd_calib_export(args) -> int:
     if spec.calibration.source.split(":")[0] != "selfgen":
         raise UserError(f"only a self-generated set can be exported, not {spec.calibration.source!r}",
                         "other sources are data you already have; export selfgen with: workbench calib export selfgen --out FILE.jsonl")
-    loaded, seqlen = _load_for(spec)
+    loaded = load_spec_model(spec.model)
+    seqlen = window_length(spec.calibration.seqlen, loaded.adapter.context_length, "--seqlen",
+                           lambda message: print(f"warning: {message}", file=sys.stderr))
     gset = _selfgen_set(spec, loaded, seqlen, Console(stderr=True))
     path = export_jsonl(gset, args.out, include_dropped=args.all)
     what = f"{len(gset.samples)} samples ({len(gset.kept)} kept)" if args.all else f"the {len(gset.kept)} kept samples"

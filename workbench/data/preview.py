@@ -14,7 +14,13 @@ JSON dict:
 - ``perplexity``: the dense model's perplexity on the first
   ``perplexity_windows`` windows (at most ``PREVIEW_WINDOWS``, so it stays cheap);
 - ``samples``: the decoded text of the first ``SHOW`` windows,
-  ``[{"window", "text", "truncated"}]``, each cut at ``CHARS`` characters.
+  ``[{"window", "text", "truncated"}]``, each cut at ``CHARS`` characters;
+- ``divergence`` (only with ``compare=True`` and ``calibration.compare`` set):
+  ``{"from", "js_bits"}``, the token-distribution divergence from that source.
+
+It is the one preview: the worker's ``preview`` job and ``workbench calib
+preview`` (which asks for more windows, the comparison and its own number of
+shown windows) both call it.
 
 ``workbench.backends.fake`` answers the same job without torch, from fixed
 formulas.
@@ -54,38 +60,47 @@ def _stage(emit: Emit, cancel: Callable[[], bool] | None, name: str, title: str)
     emit(StageFinished(stage=name, seconds=time.perf_counter() - t0))
 
 
-def preview_calibration(spec, emit: Emit, cancel: Callable[[], bool] | None = None, loaded=None) -> dict:
+def preview_calibration(spec, emit: Emit, cancel: Callable[[], bool] | None = None, loaded=None, *, compare: bool = False,
+                        max_windows: int = PREVIEW_WINDOWS, show: int = SHOW, seqlen_key: str = "calibration.seqlen") -> dict:
     """Build ``spec.calibration``'s windows for ``spec.model`` and describe them (see the module docstring).
 
-    ``loaded`` (a ``workbench.models.LoadedModel``) skips loading. Raises
-    UserError for a source that cannot give the windows, Cancelled when
-    ``cancel()`` turns true (between stages, and inside generation).
+    ``loaded`` (a ``workbench.models.LoadedModel``) skips loading. The dense
+    perplexity reads the first ``max_windows`` windows, the text of the first
+    ``show`` is returned; ``compare`` also measures the divergence from
+    ``calibration.compare``. A window longer than the model's context is
+    capped with a warning naming ``seqlen_key``. Raises UserError for a
+    source that cannot give the windows, Cancelled when ``cancel()`` turns
+    true (between stages, and inside generation).
     """
     m, c = spec.model, spec.calibration
     if loaded is None:
         with _stage(emit, cancel, "load", f"Loading {m.name}"):
             loaded = load_spec_model(m)
     tokenizer = loaded.tokenizer
-    seqlen = window_length(c.seqlen, loaded.adapter.context_length, "calibration.seqlen",
-                           lambda message: emit(WarningEvent(message=message)))
+    seqlen = window_length(c.seqlen, loaded.adapter.context_length, seqlen_key, lambda message: emit(WarningEvent(message=message)))
+
     def progress(done: int, total: int, detail: str) -> None:  # selfgen's generation, sample by sample
         emit(Progress(stage="calibrate", done=done, total=total, detail=detail))
 
     context = SourceContext(options={"selfgen": c.selfgen}, device=loaded.device, cancel=cancel, progress=progress)
+    def build(source: str, with_documents: bool):
+        return calibration_data(source, tokenizer, c.nsamples, seqlen, c.seed, cache_dir() / "calibration", loaded.model,
+                                context, with_documents=with_documents)
+
     with _stage(emit, cancel, "calibrate", f"Calibration data: {c.nsamples} x {seqlen} tokens of {c.source}"):
-        data = calibration_data(c.source, tokenizer, c.nsamples, seqlen, c.seed, cache_dir() / "calibration", loaded.model,
-                                context, with_documents=True)
-        summary = calibration_summary(data, tokenizer, loaded.model, loaded.device, batch_size=c.batch_size, cancel=cancel,
-                                      max_windows=PREVIEW_WINDOWS)
+        data = build(c.source, True)
+        other = build(c.compare, False) if compare and c.compare else None
+        summary = calibration_summary(data, tokenizer, loaded.model, loaded.device, batch_size=c.batch_size, compare=other,
+                                      cancel=cancel, max_windows=max_windows)
     ids = data.ids.reshape(-1).long()
     counts = torch.bincount(ids)
     distinct = int((counts > 0).sum())
     top = torch.topk(counts, min(TOP, distinct))
     samples = []
-    for i in range(min(SHOW, data.ids.shape[0])):
+    for i in range(min(show, data.ids.shape[0])):
         text = tokenizer.decode(data.ids[i].tolist())
         samples.append({"window": i, "text": text[:CHARS], "truncated": len(text) > CHARS})
-    return {
+    result = {
         "source": c.source, "description": describe_source(c.source), "model": m.name,
         "nsamples": c.nsamples, "seqlen": seqlen, "seed": c.seed,
         "documents": summary["documents"], "document_tokens": summary["tokens"],
@@ -95,6 +110,9 @@ def preview_calibration(spec, emit: Emit, cancel: Callable[[], bool] | None = No
         "perplexity": summary.get("perplexity"), "perplexity_windows": summary.get("perplexity_windows"),
         "samples": samples,
     }
+    if other is not None:
+        result["divergence"] = summary["divergence"]
+    return result
 
 
 __all__ = ["preview_calibration", "PREVIEW_WINDOWS"]

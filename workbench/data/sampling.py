@@ -25,7 +25,8 @@ import torch
 from workbench.errors import RunError, UserError
 
 from .cache import CACHE_VERSION, cache_path, content_fingerprint, load_cached, save_cached, tokenizer_fingerprint
-from .sources import CalibrationData, Source, SourceContext, mixture_counts, parse_mixture, resolve, source_names
+from .mixtures import mixture_counts, parse_mixture
+from .sources import CalibrationData, Source, SourceContext, resolve, text_source_names
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -162,6 +163,7 @@ def _checked_ids(result, entry: Source, nsamples: int, seqlen: int) -> "torch.Te
         return result.detach().to(device="cpu", dtype=torch.long).contiguous()
     raise RunError(f"the calibration source {entry.prefix!r} returned {type(result).__name__}, not a token tensor", hint="fix the source's function")
 
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{name} must be a positive whole number, not {value!r}", hint=f"set {name} to 1 or more")
@@ -252,17 +254,15 @@ def calibration_data(
     return data
 
 
-# Sources whose documents can seed generation (``text_documents``).
-TEXT_SOURCES = ("c4", "wikitext2", "books", "file", "hf")
-
-
 def text_documents(source: str) -> list[str]:
-    """The documents of a text source (``c4``, ``wikitext2``, ``books``, ``file:PATH``, ``hf:...``), without sampling."""
+    """The documents of a text source (registered with ``text=True``: ``c4``, ``wikitext2``, ``books``, ``file:PATH``,
+    ``hf:...``), without sampling."""
     entry, arg = resolve(source)
-    if entry.prefix not in TEXT_SOURCES:
-        texts = [s for s in source_names() if s.split(":")[0] in TEXT_SOURCES]
-        raise UserError(f"{source!r} is not a text corpus", hint=f"use one of: {', '.join(texts)}")
-    return [d for d in entry.function()(arg, None, 0, 0, 0, None) if d.strip()]
+    if not entry.text:
+        raise UserError(f"{source!r} is not a text corpus", hint=f"use one of: {', '.join(text_source_names())}")
+    fn = entry.function()
+    documents = fn(arg, None, 0, 0, 0, None, context=SourceContext()) if entry.wants_context else fn(arg, None, 0, 0, 0, None)
+    return [d for d in documents if d.strip()]
 
 
 # ------------------------------------------------------------------ sources that are not plain text
@@ -307,5 +307,5 @@ def mixture(arg, tokenizer, nsamples, seqlen, seed, model, context):
     return CalibrationData(torch.cat([p.ids for p in pieces]), f"mix:{arg}", documents)
 
 
-__all__ = ["calibration_samples", "calibration_data", "sample_windows", "text_documents", "TEXT_SOURCES", "random_tokens",
+__all__ = ["calibration_samples", "calibration_data", "sample_windows", "text_documents", "random_tokens",
            "mixture", "encode"]

@@ -20,6 +20,14 @@ Sources (``describe_source`` gives a one-line description of each):
 - anything added with ``register_source``: it is then valid in a preset, in
   the UI, in a preview and in a run, because they all ask this registry.
 
+A source registered with ``text=True`` gives documents without a tokenizer or
+a model (the bundled corpora, files, Hub datasets): such a source can also
+seed self-generation (``selfgen:CORPUS``) and have its documents counted
+(``workbench.data.sampling.text_documents``). A source may check its argument
+at validation time (``check``; a mixture checks each part, ``selfgen:CORPUS``
+its seed corpus). Mixtures are parsed in ``workbench.data.mixtures``; the
+evaluation texts have their own registry, ``workbench.data.evaluation_text``.
+
 A source's function is a callable or a ``"module:function"`` reference,
 imported only when samples are built (``workbench.data.sampling``): so this
 module, which the spec validator and the UI import, never imports torch.
@@ -36,15 +44,12 @@ from workbench.errors import UserError
 from workbench.registry import load
 
 from . import corpora
+from .mixtures import describe_mixture, mixture_counts, parse_mixture  # noqa: F401  (mixture_counts: asked here by the UI)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 DEFAULT_SOURCE = "c4"
-# Seed corpora of self-generated calibration data: text sources, never an evaluation text.
-SELFGEN_CORPORA = ("wikitext2", "c4", "books")
-# The texts perplexity is measured on (workbench.perplexity reads them), besides file:PATH.
-EVALUATION_SETS = ("wikitext2", "c4", "books")
 
 # fn(arg, tokenizer, nsamples, seqlen, seed, model[, context=SourceContext]) ->
 # documents, an (nsamples, seqlen) token tensor, or a CalibrationData
@@ -94,6 +99,8 @@ class Source:
     builtin: bool
     join_documents: bool = False  # windows are cut from the documents joined by a blank line
     wants_context: bool = False  # fn also takes context=SourceContext
+    text: bool = False  # a text corpus: fn gives documents without tokenizer or model (seeds selfgen, counted by vocab steps)
+    check: Callable[[str, str], None] | None = None  # check(arg, key): validation of a given argument, without the model
 
     def function(self) -> SourceFn:
         return load(self.fn) if isinstance(self.fn, str) else self.fn
@@ -112,6 +119,8 @@ def register_source(
     cacheable: bool = False,
     join_documents: bool = False,
     wants_context: bool = False,
+    text: bool = False,
+    check: Callable[[str, str], None] | None = None,
 ) -> None:
     """Add a calibration source named ``prefix`` (used as ``prefix`` or ``prefix:ARG``).
 
@@ -124,7 +133,11 @@ def register_source(
     With ``wants_context=True`` it is also passed ``context=SourceContext``.
     With ``join_documents=True`` the documents are joined by a blank line
     before windows are cut, for sources of many texts shorter than a window
-    (generated samples).
+    (generated samples). With ``text=True`` the function returns documents
+    whatever its other arguments (it is called with no tokenizer and no
+    model), and the source can seed ``selfgen:PREFIX``. ``check(arg, key)``,
+    when given, validates an argument (raising ``UserError``) whenever a
+    preset or the UI names the source with one.
 
     ``description`` is a string, or a function of ``arg`` giving one, for
     ``describe_source``. ``cacheable=True`` lets ``calibration_samples``
@@ -149,12 +162,19 @@ def register_source(
         builtin=False,
         join_documents=join_documents,
         wants_context=wants_context,
+        text=text,
+        check=check,
     )
 
 
 def source_names() -> list[str]:
     """How each known source is written, e.g. ``["c4", "wikitext2", "file:PATH", ...]``."""
     return [s.usage for s in _SOURCES.values()]
+
+
+def text_source_names() -> list[str]:
+    """How each text corpus is written (the sources that can seed ``selfgen``), e.g. ``["c4", ..., "file:PATH", ...]``."""
+    return [s.usage for s in _SOURCES.values() if s.text]
 
 
 def resolve(source: str) -> tuple[Source, str]:
@@ -182,15 +202,15 @@ def describe_source(source: str) -> str:
 def check_source(source: str, key: str = "calibration.source") -> None:
     """Validation of a calibration source (presets, the UI): a known source written as it should be, without the model.
 
-    A mixture's parts are checked one by one, and ``selfgen:CORPUS`` names a seed corpus.
+    A source with a ``check`` checks its argument: a mixture's parts are
+    checked one by one, and ``selfgen:CORPUS`` names a seed corpus.
     """
-    if isinstance(source, str) and source.strip().lower().startswith("mix:"):
-        for part, _ in parse_mixture(source.strip()[len("mix:"):], key):
-            check_source(part, f"{key} (in the mixture)")
-        return
-    if isinstance(source, str) and source.strip().startswith("selfgen:"):
-        check_seed_corpus(source.strip()[len("selfgen:"):], key)
-        return
+    if isinstance(source, str):
+        prefix, sep, arg = source.strip().partition(":")
+        entry = _SOURCES.get(prefix.strip().lower())
+        if entry is not None and entry.check is not None and sep:
+            entry.check(arg.strip(), key)
+            return
     try:
         resolve(source)
     except UserError as exc:
@@ -200,17 +220,28 @@ def check_source(source: str, key: str = "calibration.source") -> None:
                         f"allowed: {', '.join(source_names())}") from None
 
 
+def check_text_source(source: str, key: str) -> None:
+    """Validation of a source whose documents are read as text (a vocabulary step's corpus): a known source, and a text corpus."""
+    check_source(source, key)
+    entry, _ = resolve(source)
+    if not entry.text:
+        raise UserError(f"{key} = {source!r} is not a text corpus", f"allowed: {', '.join(text_source_names())}")
+
+
 def check_seed_corpus(corpus: str, key: str = "calibration.selfgen.corpus") -> None:
-    """Self-generated data starts from a text corpus: a bundled one, a local file or a Hub dataset."""
-    if corpus in SELFGEN_CORPORA or any(corpus.startswith(p) and len(corpus) > len(p) for p in ("file:", "hf:")):
-        return
-    raise UserError(f"{key}: {corpus!r} is not a seed corpus for selfgen",
-                    f"allowed: {', '.join(SELFGEN_CORPORA)}, file:PATH, hf:NAME[:CONFIG]:SPLIT[:FIELD]")
+    """Self-generated data starts from a text corpus (a source registered with ``text=True``): a bundled one, a local
+    file, a Hub dataset."""
+    try:
+        entry, _ = resolve(corpus)
+    except UserError:
+        entry = None
+    if entry is None or not entry.text:
+        raise UserError(f"{key}: {corpus!r} is not a seed corpus for selfgen", f"allowed: {', '.join(text_source_names())}")
 
 
-def check_evaluation_set(name: str, key: str = "evaluate.perplexity") -> None:
-    if name not in EVALUATION_SETS and not (name.startswith("file:") and len(name) > len("file:")):
-        raise UserError(f"{key}: unknown dataset {name!r}", f"allowed: {', '.join(EVALUATION_SETS)}, file:PATH")
+def _check_mixture(arg: str, key: str) -> None:
+    for part, _ in parse_mixture(arg, key):
+        check_source(part, f"{key} (in the mixture)")
 
 
 # ------------------------------------------------------------ built-in sources
@@ -259,17 +290,20 @@ def _describe_hub(arg: str) -> str:
     return f"Hugging Face dataset {name}{config_text}, split {split}, field {field!r}, random windows of its documents"
 
 
-def _builtin(prefix, fn, usage, describe, takes_arg, cacheable=True, wants_context=False):
-    _SOURCES[prefix] = Source(prefix, fn, usage, describe, takes_arg, cacheable, builtin=True, wants_context=wants_context)
+def _builtin(prefix, fn, usage, describe, takes_arg, cacheable=True, wants_context=False, text=False, check=None):
+    _SOURCES[prefix] = Source(prefix, fn, usage, describe, takes_arg, cacheable, builtin=True, wants_context=wants_context,
+                              text=text, check=check)
 
 
-_builtin("c4", _c4_documents, "c4", lambda arg: "C4 (allenai/c4, en): random windows of the 1,000 bundled train documents", False)
+_builtin("c4", _c4_documents, "c4", lambda arg: "C4 (allenai/c4, en): random windows of the 1,000 bundled train documents", False,
+         text=True)
 _builtin(
     "wikitext2",
     _wikitext2_documents,
     "wikitext2",
     lambda arg: "WikiText-2 raw validation text as one document, random windows of it (train is not bundled)",
     False,
+    text=True,
 )
 _builtin(
     "books",
@@ -277,9 +311,10 @@ _builtin(
     "books",
     lambda arg: "two held-out Project Gutenberg books (The Trial; Stalky & Co.), random windows of them",
     False,
+    text=True,
 )
-_builtin("file", _file_documents, "file:PATH", _describe_file, True)
-_builtin("hf", _hub_documents, "hf:NAME[:CONFIG]:SPLIT[:FIELD]", _describe_hub, True)
+_builtin("file", _file_documents, "file:PATH", _describe_file, True, text=True)
+_builtin("hf", _hub_documents, "hf:NAME[:CONFIG]:SPLIT[:FIELD]", _describe_hub, True, text=True)
 _builtin("random", "workbench.data.sampling:random_tokens", "random",
          lambda arg: "uniform random token ids (no text), special tokens excluded", False, cacheable=False)
 
@@ -295,68 +330,16 @@ register_source(
     usage="selfgen[:CORPUS]",
     join_documents=True,
     wants_context=True,
+    check=check_seed_corpus,
 )
 
 
-# ------------------------------------------------------------------ mixtures
+# ------------------------------------------------------------------ mixtures (parsed in workbench.data.mixtures)
 
 
-def parse_mixture(spec: str, key: str = "calibration.source") -> list[tuple[str, float]]:
-    """``"c4=0.5,selfgen=0.5"`` -> ``[("c4", 0.5), ("selfgen", 0.5)]``.
-
-    Each part is ``SOURCE=FRACTION`` (the last ``=`` splits, so a source may
-    hold one); fractions are positive and sum to 1. Sources are not checked
-    here (``check_source`` and ``resolve`` do).
-    """
-    hint = "write mix:SOURCE=FRACTION,SOURCE=FRACTION with fractions summing to 1, e.g. mix:c4=0.5,selfgen=0.5"
-    parts = [p.strip() for p in spec.split(",")]
-    if not spec.strip() or any(not p for p in parts):
-        raise UserError(f"{key}: the mixture {spec!r} is empty or has an empty part", hint=hint)
-    out: list[tuple[str, float]] = []
-    for part in parts:
-        source, sep, value = part.rpartition("=")
-        source = source.strip()
-        try:
-            fraction = float(value)
-        except ValueError:
-            fraction = float("nan")
-        if not sep or not source or not (0.0 < fraction <= 1.0):
-            raise UserError(f"{key}: {part!r} in the mixture is not SOURCE=FRACTION with a fraction in (0, 1]", hint=hint)
-        if source.lower().startswith("mix:") or source.lower() == "mix":
-            raise UserError(f"{key}: a mixture cannot hold another mixture ({part!r})", hint="list every source in one mix:")
-        if source in (s for s, _ in out):
-            raise UserError(f"{key}: {source!r} appears twice in the mixture", hint="give each source once, with its total fraction")
-        out.append((source, fraction))
-    total = sum(f for _, f in out)
-    if abs(total - 1.0) > 1e-6:
-        raise UserError(f"{key}: the mixture fractions sum to {total:g}, not 1", hint=hint)
-    return out
-
-
-def mixture_counts(parts: list[tuple[str, float]], nsamples: int, key: str = "calibration.source") -> list[int]:
-    """Samples per source: ``fraction * nsamples`` rounded so the counts sum to ``nsamples`` (largest remainders first)."""
-    exact = [f * nsamples for _, f in parts]
-    counts = [int(x) for x in exact]
-    by_remainder = sorted(range(len(parts)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in by_remainder[: nsamples - sum(counts)]:
-        counts[i] += 1
-    for (source, fraction), n in zip(parts, counts):
-        if n == 0:
-            raise UserError(
-                f"{key}: {source} gets 0 of the {nsamples} samples at fraction {fraction:g}",
-                hint="raise calibration.nsamples or that source's fraction",
-            )
-    return counts
-
-def _describe_mixture(arg: str) -> str:
-    parts = parse_mixture(arg)
-    return "a mixture: " + ", ".join(f"{fraction:.0%} of the samples from {source}" for source, fraction in parts)
-
-
-register_source("mix", "workbench.data.sampling:mixture", description=_describe_mixture, usage="mix:SOURCE=FRACTION,...",
-                takes_arg=True, wants_context=True)
+register_source("mix", "workbench.data.sampling:mixture", description=describe_mixture, usage="mix:SOURCE=FRACTION,...", takes_arg=True,
+                wants_context=True, check=_check_mixture)
 
 
 __all__ = ["Source", "SourceContext", "CalibrationData", "register_source", "resolve", "describe_source", "source_names",
-           "check_source", "check_seed_corpus", "check_evaluation_set", "parse_mixture", "mixture_counts",
-           "DEFAULT_SOURCE", "SELFGEN_CORPORA", "EVALUATION_SETS"]
+           "text_source_names", "check_source", "check_text_source", "check_seed_corpus", "parse_mixture", "mixture_counts", "DEFAULT_SOURCE"]

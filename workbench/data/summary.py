@@ -87,7 +87,6 @@ def calibration_summary(
         "tokens": count_tokens(data.documents, tokenizer) if data.documents is not None else None,
     }
     if model is not None:
-
         windows = data.ids[:max_windows]
         with placed(model, device if device is not None else "cpu") as dev:
             result = perplexity(model, windows.reshape(1, -1), int(seqlen), batch_size=batch_size, device=dev, cancel=cancel)

@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from workbench.data import corpora
+from workbench.data.evaluation_text import C4_EVAL_DOCUMENTS
 from workbench.errors import CANCEL_HINT, UserError
 from workbench.layerwise import Captured, Resident, capture_inputs
 from workbench.sweep import LayerSweep
-from workbench.perplexity import C4_EVAL_DOCUMENTS, _window_losses
+from workbench.perplexity import _window_losses
 
 from .modules import swapped
 

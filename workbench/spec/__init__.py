@@ -9,12 +9,11 @@
 """
 
 from .presets import apply_override, load_preset, load_preset_data, parse_toml, resolve_preset, spec_to_toml
-from .schema import (DTYPES, EVAL_DATASETS_BUILTIN, SELFGEN_CORPORA, CalibrationSpec, EvalSpec, ExportSpec, ModelSpec,
-                     RunSpec, SelfGenSpec)
+from .schema import DTYPES, EVAL_DATASETS_BUILTIN, CalibrationSpec, EvalSpec, ExportSpec, ModelSpec, RunSpec, SelfGenSpec
 from .validate import (check_calibration_source, check_guide, check_seed_corpus, spec_from_dict, validate,
                        validate_evaluate, validate_selfgen)
 
 __all__ = ["RunSpec", "ModelSpec", "CalibrationSpec", "SelfGenSpec", "EvalSpec", "ExportSpec", "DTYPES",
-           "EVAL_DATASETS_BUILTIN", "SELFGEN_CORPORA", "spec_from_dict", "validate",
+           "EVAL_DATASETS_BUILTIN", "spec_from_dict", "validate",
            "validate_evaluate", "validate_selfgen", "check_calibration_source", "check_seed_corpus", "check_guide",
            "load_preset", "load_preset_data", "resolve_preset", "parse_toml", "apply_override", "spec_to_toml"]

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from workbench.data.sources import EVALUATION_SETS as EVAL_DATASETS_BUILTIN  # noqa: F401  (re-exported)
-from workbench.data.sources import SELFGEN_CORPORA  # noqa: F401  (re-exported)
+from workbench.data.evaluation_text import builtin_evaluation_sets
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The bundled evaluation texts (the registry, workbench.data.evaluation_text, also knows file:PATH and registered ones).
+EVAL_DATASETS_BUILTIN = builtin_evaluation_sets()
 
 
 @dataclass

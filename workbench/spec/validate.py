@@ -10,12 +10,12 @@ import dataclasses
 import re
 from typing import Any
 
+from workbench.data.evaluation_text import check_evaluation_set
+from workbench.data.sources import check_seed_corpus, check_source
 from workbench.errors import UserError
 from workbench.registry import step_type
 
 from .checks import choice as _choice
-from workbench.data.sources import check_evaluation_set, check_seed_corpus, check_source
-
 from .schema import DTYPES, NESTED_TABLES, SECTIONS, EvalSpec, RunSpec, SelfGenSpec
 
 _TOP_KEYS = ("name", "description", "reference")

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workbench.data.sources import check_text_source
 from workbench.errors import UserError
 from workbench.registry import PlannedStage, StepType, register
 from workbench.spec.checks import choice, fraction as _fraction, one_of as _one_of
 from workbench.spec.fields import setting
-from workbench.spec.validate import check_calibration_source
 
 DEPTH_CRITERIA = ("block_influence", "angular", "perplexity", "last", "random")
 DEPTH_SELECTIONS = ("lowest", "middle")
@@ -132,7 +132,7 @@ class VocabStep:
         if self.fraction is not None:
             _fraction(f"{where}.fraction", self.fraction, "give the fraction of the vocabulary kept, e.g. 0.5")
         if self.source is not None:
-            check_calibration_source(self.source, f"{where}.source")
+            check_text_source(self.source, f"{where}.source")
 
 
 def _plan(kind: str):
