@@ -26,3 +26,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Each folder is an area of the product; its name is a marker (``-m tui``, ``-m "engine and not slow"``).
+AREAS = ("engine", "lowrank", "structured", "data", "evaluation", "cli", "workers", "tui", "reliability", "project")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        area = item.path.parent.name
+        if area in AREAS:
+            item.add_marker(getattr(pytest.mark, area))

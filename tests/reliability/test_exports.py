@@ -17,6 +17,7 @@ from reliability_support import history_rows, one_error, send, snapshot, start, 
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.slow
 def test_out_dot_in_a_folder_of_user_files_is_refused(home, work):
     """R01: `--out .` where the user's files are: exit 2 before loading, every file kept."""
     before = user_files(work)
@@ -29,6 +30,7 @@ def test_out_dot_in_a_folder_of_user_files_is_refused(home, work):
     assert "stage_started" not in run["types"]  # refused before the model was loaded
 
 
+@pytest.mark.slow
 def test_out_a_non_empty_folder_is_refused_even_with_overwrite(home, work):
     """R02: `--out DIR --overwrite` onto the user's folder: exit 2, the folder byte for byte."""
     target = work / "results"
@@ -39,6 +41,7 @@ def test_out_a_non_empty_folder_is_refused_even_with_overwrite(home, work):
     assert snapshot(target) == before
 
 
+@pytest.mark.slow
 def test_out_an_existing_file_is_refused(home, work):
     """R03: `--out FILE`: exit 2, the file kept."""
     (work / "model.bin").write_bytes(b"\x00weights\xff" * 10)
@@ -76,6 +79,7 @@ def read_only(tmp_path):
         path.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_out_on_a_read_only_file_system_is_refused_before_loading(home, work, read_only):
     """R05: `--out` on a read-only file system: exit 2 before loading, not an OSError after the run."""
     done = workbench("run", "fast.toml", "--out", str(read_only / "model"), home=home, cwd=work)
@@ -85,6 +89,7 @@ def test_out_on_a_read_only_file_system_is_refused_before_loading(home, work, re
     assert "stage_started" not in run["types"]
 
 
+@pytest.mark.slow
 def test_an_earlier_export_needs_overwrite(home, work):
     """R06/R07: an earlier export is kept without --overwrite (exit 2), replaced with it (exit 0)."""
     first = workbench("run", "fast.toml", "--out", "pruned", home=home, cwd=work)
@@ -102,6 +107,7 @@ def test_an_earlier_export_needs_overwrite(home, work):
     assert sorted(p.name for p in work.iterdir()) == ["fast.toml", "pruned", "slow.toml"]
 
 
+@pytest.mark.slow
 def test_an_export_holding_user_files_is_not_replaced(home, work):
     """R08: the user added files to an export: --overwrite refuses, naming them; everything kept."""
     assert workbench("run", "fast.toml", "--out", "pruned", home=home, cwd=work).code == 0
@@ -113,6 +119,7 @@ def test_an_export_holding_user_files_is_not_replaced(home, work):
     assert snapshot(work / "pruned") == before
 
 
+@pytest.mark.slow
 def test_stale_temporary_folders_are_cleaned_by_the_next_export(home, work):
     """R09: a folder a killed export left behind (its writer gone) is removed by the next export there."""
     stale = work / ".pruned.tmp-0badf00d"
@@ -129,6 +136,7 @@ def test_stale_temporary_folders_are_cleaned_by_the_next_export(home, work):
     assert (work / "pruned" / "compression.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_killed_export_leaves_no_folder_that_looks_complete(home, work):
     """R10: SIGKILL while the export is written: the target never appears half-written; the next export cleans up."""
     proc = start("run", "fast.toml", "--out", "pruned", home=home, cwd=work)
@@ -146,6 +154,7 @@ def test_a_killed_export_leaves_no_folder_that_looks_complete(home, work):
     assert [p.name for p in work.iterdir() if p.name.startswith(".pruned")] == []
 
 
+@pytest.mark.slow
 def test_an_empty_folder_is_filled(home, work):
     """R11: an existing empty folder (e.g. made by the user for the export) receives it; exit 0."""
     (work / "empty").mkdir()

@@ -105,7 +105,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.loaded else []) for c in CASES])
 def test_bad_input(case, home, work):
     argv = case.argv(work)
     done = workbench(*argv, home=home, cwd=work)

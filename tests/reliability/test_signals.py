@@ -12,6 +12,7 @@ from reliability_support import alive, finish, history_rows, one_error, send, st
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["inprocess", "local"])
 def test_sigterm_cancels_records_and_exits_143(home, work, backend):
     """R12/R13: SIGTERM (timeout, Slurm, docker stop) mid-run: exit 143, a message, the run cancelled, events kept."""
@@ -32,6 +33,7 @@ def test_sigterm_cancels_records_and_exits_143(home, work, backend):
         assert not alive(pid), "the worker outlived its client"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["inprocess", "local"])
 def test_sigkill_leaves_a_run_that_history_calls_died(home, work, backend):
     """R14/R15: SIGKILL of the CLI mid-run: history and show say 'died' (not 'running'), events kept."""
@@ -59,6 +61,7 @@ def test_sigkill_leaves_a_run_that_history_calls_died(home, work, backend):
         assert not alive(pid), "the worker outlived its killed client"
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_and_records(home, work):
     """R16: one Ctrl-C mid-run: exit 1, 'interrupted', the run cancelled with its events."""
     proc = start("run", "slow.toml", home=home, cwd=work)
@@ -71,6 +74,7 @@ def test_ctrl_c_cancels_and_records(home, work):
     assert run["status"] == "cancelled" and "layer_done" in run["types"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_twice_with_a_worker_kills_it_and_records(home, work):
     """R17: Ctrl-C twice with a worker: the worker is killed, exit 1, the run recorded cancelled."""
     proc = start("run", "slow.toml", "--backend", "local", home=home, cwd=work)
@@ -85,6 +89,7 @@ def test_ctrl_c_twice_with_a_worker_kills_it_and_records(home, work):
     assert run["status"] in ("cancelled", "failed") and run["status"] != "running"
 
 
+@pytest.mark.slow
 def test_a_killed_worker_fails_the_run_with_its_events(home, work):
     """R18: kill -9 of the worker mid-run: exit 1 naming the signal, the run failed with its events."""
     proc = start("run", "slow.toml", "--backend", "local", home=home, cwd=work)
@@ -100,6 +105,7 @@ def test_a_killed_worker_fails_the_run_with_its_events(home, work):
     assert run["status"] == "failed" and run["error"]["kind"] == "worker_died" and "layer_done" in run["types"]
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_worker_itself_stops_its_job_and_says_why(home, work):
     """R19: SIGTERM sent to the worker (a job scheduler ending it): the job stops, the client says so, exit 1."""
     import os
@@ -114,6 +120,7 @@ def test_sigterm_to_the_worker_itself_stops_its_job_and_says_why(home, work):
     assert run["status"] in ("cancelled", "failed") and "layer_done" in run["types"]
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_history_both_finish(home, work):
     """R20: two runs at once on one history: both finish and both are recorded with all their events."""
     procs = [start("run", "fast.toml", home=home, cwd=work) for _ in range(2)]

@@ -289,6 +289,7 @@ def test_finalists_are_reranked_after_sequential_application(tokenizer, tmp_path
     assert applied == {k: r for k, r in ranks.items() if r}
 
 
+@pytest.mark.slow
 def test_feature_beats_svd_at_equal_parameters_on_the_demo_model(tmp_path):
     """The paper's claim in small: output-covariance factors lose less than weight SVD at the same budget."""
     from workbench.models import load_model

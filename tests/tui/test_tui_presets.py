@@ -82,6 +82,7 @@ async def answer_prompt(pilot, app, text: str) -> None:
     await pilot.press("enter")
 
 
+@pytest.mark.slow
 @async_test
 async def test_a_guided_session_explains_each_screen_in_order_and_runs_the_preset():
     name = "owl-wanda-70"

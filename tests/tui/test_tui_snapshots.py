@@ -4,7 +4,7 @@ The data: no worker process, a frozen clock, UTC, a ready fake worker with fixed
 jobs and history runs made by the fake worker's own event streams (``backends/fake/``) on
 that clock, so every number and time on screen is the same on every machine. After a change
 to a screen, look at the report and accept the new pictures with
-``pytest tests/test_tui_snapshots.py --snapshot-update``.
+``pytest tests/tui/test_tui_snapshots.py --snapshot-update``.
 """
 
 from __future__ import annotations

@@ -103,6 +103,7 @@ async def test_an_invalid_setting_shows_the_validators_message_and_does_not_laun
         await wait_for(pilot, lambda: _problem(screen) == "", what="a valid form again")
 
 
+@pytest.mark.slow
 @async_test
 async def test_evaluating_an_exported_run_stores_its_metrics_with_the_run_as_phase_eval(tmp_path):
     export = tmp_path / "pruned-model"

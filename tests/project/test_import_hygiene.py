@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def _modules_after(code: str) -> set[str]:
     out = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint('\\n'.join(sys.modules))"],
@@ -108,6 +110,7 @@ print("loaded:", " ".join(m for m in ("torch", "transformers") if m in sys.modul
 """
 
 
+@pytest.mark.slow
 def test_the_app_never_imports_torch_on_any_screen():
     out = subprocess.run([sys.executable, "-c", _APP_SCRIPT], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr

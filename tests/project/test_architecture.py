@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROOTS = {"workbench": REPO / "workbench", "workbench.screens": REPO / "screens", "workbench.backends": REPO / "backends",
          "workbench.presets": REPO / "presets"}
 HEAVY = ("torch", "transformers", "safetensors", "datasets", "lm_eval", "optuna", "accelerate", "numpy")

@@ -112,6 +112,7 @@ def test_compare_and_report_commands(runs, tmp_path, capsys):
     assert main(["compare", "nope"]) == 2 and "no run 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluations_of_a_run_land_in_its_history(one_thread, tmp_path, capsys):
     """A pruned run evaluates zero-shot and efficiency before and after; a later evaluation attaches to it."""
     out = tmp_path / "pruned"

@@ -102,6 +102,7 @@ def test_a_killed_search_resumes_without_losing_finished_trials(capsys, tmp_path
     assert {e["number"] for e in trial_events} >= set(finished)  # the resumed run shows the whole study
 
 
+@pytest.mark.slow
 def test_study_clash_with_a_different_search_space(capsys, tmp_path):
     from workbench.lowrank.search import open_storage, open_study
 
@@ -120,6 +121,7 @@ def test_an_unreachable_storage_is_refused_before_anything_runs(capsys):
         assert history.runs() == []
 
 
+@pytest.mark.slow
 def test_an_unreachable_storage_in_a_run_keeps_the_dense_evaluation(capsys):
     url = f"postgresql://workbench@127.0.0.1:{_free_port()}/studies"
     expect_bad_input(capsys, "run", PRESET, "--set", f'steps.0.storage="{url}"', *FAST, words=["cannot reach the study storage"])

@@ -58,6 +58,7 @@ def _column(screen, name: str) -> list[str]:
     return [row[keys.index(name)] for row in _table(screen, "#history-table")]
 
 
+@pytest.mark.slow
 @async_test
 async def test_the_table_lists_runs_newest_first_refreshes_when_a_job_ends_and_opens_a_run():
     app = make_app(backend=fake_backend(delay=0.1))
@@ -95,6 +96,7 @@ async def test_the_table_lists_runs_newest_first_refreshes_when_a_job_ends_and_o
         await wait_for(pilot, lambda: app.screen is screen, what="back to the table")
 
 
+@pytest.mark.slow
 @async_test
 async def test_compare_marked_runs_shows_the_reports_table_and_their_points():
     app = make_app()

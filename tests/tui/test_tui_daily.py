@@ -12,6 +12,7 @@ import copy
 import subprocess
 import sys
 
+import pytest
 from textual.widgets import Checkbox, Input, TabbedContent
 
 from test_tui_run import screen_text
@@ -233,6 +234,7 @@ def test_validate_warns_and_refuses_from_the_same_estimate(tmp_path):
 # ---------------------------------------------------------------- run settings, export, evaluation names
 
 
+@pytest.mark.slow
 @async_test
 async def test_export_and_evaluation_settings_are_edited_in_the_ui_and_the_kept_model_is_evaluated_by_name(tmp_path):
     app = make_app(backend=fake_backend(delay=0.01))
@@ -327,6 +329,7 @@ def _region_render(app, widget) -> list:
     return [line for line in lines[r.y:r.bottom]]
 
 
+@pytest.mark.slow
 @async_test
 async def test_every_tab_stop_shows_its_focus():
     app = make_app(start_worker=False)
@@ -367,6 +370,7 @@ async def test_check_boxes_show_their_state_without_colour():
 # ---------------------------------------------------------------- no keystroke lost under load
 
 
+@pytest.mark.slow
 @async_test
 async def test_every_character_typed_arrives_while_the_worker_floods_the_ui():
     from textual import events

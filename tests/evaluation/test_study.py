@@ -75,6 +75,7 @@ def direct_table(db_path) -> dict[tuple, list[float]]:
     return groups
 
 
+@pytest.mark.slow
 def test_a_study_runs_each_cell_once_reuses_runs_and_aggregates_the_stored_metrics(preset, capsys, one_thread):
     assert main(["study", preset, "--json", "--quiet"]) == 0
     first = json.loads(capsys.readouterr().out)

@@ -79,6 +79,7 @@ def _shape(events: list, summary: dict) -> dict:
 RUN_PRESETS = [name for name in preset_names() if "study" not in load_preset_data(name)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUN_PRESETS)
 def test_the_fake_worker_matches_the_engine(name, tmp_path, monkeypatch, one_thread):
     (tmp_path / "engine").mkdir()

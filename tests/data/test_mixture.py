@@ -71,6 +71,7 @@ def test_books_calibration_windows_come_from_the_calib_books_and_evaluation_read
     assert long_paragraphs and not any(p in calib_text for p in long_paragraphs)
 
 
+@pytest.mark.slow
 def test_quickstart_runs_with_books_for_calibration_and_evaluation(demo):
     spec = load_preset("quickstart", ['calibration.source="books"', 'evaluate.perplexity=["books"]', "calibration.nsamples=4",
                                       "calibration.seqlen=32", "evaluate.limit=2", "evaluate.seqlen=64"])

@@ -93,6 +93,7 @@ def test_c4_documents_and_eval_text():
     assert eval_text("c4") == " ".join(docs)
 
 
+@pytest.mark.slow
 def test_c4_eval_tokens_are_256_windows(tok):
     ids = eval_tokens("c4", tok, 64)
     assert ids.shape == (1, 256 * 64) and ids.dtype == torch.long
@@ -289,6 +290,7 @@ def demo_model():
     return AutoModelForCausalLM.from_pretrained(str(DEMO), dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_demo_model_few_windows_match_brute_force(demo_model, tok):
     ids = eval_tokens("wikitext2", tok, 128)
     result = perplexity(demo_model, ids, 128, limit=3, batch_size=2)

@@ -105,6 +105,7 @@ async def _palette(pilot, text: str, choose: str) -> None:
     await wait_for(pilot, lambda: not isinstance(app.screen, CommandPalette), what="the palette to close")
 
 
+@pytest.mark.slow
 @async_test
 async def test_command_palette_switches_screen_and_opens_a_preset():
     app = make_app()

@@ -164,6 +164,7 @@ async def test_inspect_shows_the_fake_models_shapes_and_memory():
         assert f"{human_bytes(per_sample * 32)}" in memory and "32 samples of 256 tokens" in memory
 
 
+@pytest.mark.slow
 @async_test
 async def test_a_bad_gpu_list_is_flagged_and_the_workers_keep_running():
     from workbench.backends.transports import parse_backend, parse_gpus

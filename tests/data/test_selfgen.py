@@ -65,6 +65,7 @@ def spy_generate(monkeypatch, model) -> list:
 # ----------------------------------------------------------------- generation
 
 
+@pytest.mark.slow
 def test_generation_is_deterministic_for_a_seed_and_leaves_the_global_rng_alone(demo):
     state = torch.get_rng_state()
     a, b, c = make(demo, seed=0), make(demo, seed=0), make(demo, seed=1)
@@ -212,6 +213,7 @@ def test_cancel_mid_generation_leaves_no_cache_entry(demo, tmp_path):
 # ----------------------------------------------------------------- as a calibration source
 
 
+@pytest.mark.slow
 def test_selfgen_source_windows_are_cut_from_the_joined_kept_texts(demo):
     context = SourceContext(options={"selfgen": TINY})
     ids = calibration_samples("selfgen", demo.tokenizer, nsamples=8, seqlen=16, seed=0, model=demo.model, context=context)

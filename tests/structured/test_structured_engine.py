@@ -22,6 +22,7 @@ def _size(folder) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_openba_style_run_gives_an_ordinary_smaller_checkpoint(tmp_path):
     spec = load_preset("openba-style", SMALL + ["export.save=true", f'export.out="{tmp_path / "out"}"', "export.dtype=float32"])
     run = Run(spec)

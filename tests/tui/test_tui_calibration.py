@@ -51,6 +51,7 @@ async def _choose(pilot, value: str) -> None:
 
 
 
+@pytest.mark.slow
 @async_test
 async def test_each_kind_of_source_writes_its_source_string():
     app = make_app(start_screen="calibration", start_worker=False)

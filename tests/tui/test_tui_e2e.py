@@ -93,6 +93,7 @@ def _runs(history_file: Path) -> list:
         return history.runs()
 
 
+@pytest.mark.slow
 def test_a_whole_session_in_a_terminal(tmp_path):
     home, config = tmp_path / "home", tmp_path / "config"
     env = {"WORKBENCH_HOME": str(home), "XDG_CONFIG_HOME": str(config), "HF_HUB_OFFLINE": "1",

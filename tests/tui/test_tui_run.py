@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import itertools
 
+import pytest
 from rich.console import Console
 from textual.widgets import DataTable, ProgressBar, RichLog, Static
 from textual_plotext.plot import Plot
@@ -159,6 +160,7 @@ async def test_cancel_asks_first_then_the_run_ends_cancelled_and_is_not_finished
             assert history.get(job.run_id).status == "cancelled"
 
 
+@pytest.mark.slow
 @async_test
 async def test_a_killed_worker_fails_the_run_and_a_fresh_worker_runs_the_next_one():
     app = make_app("quickstart", fake_backend(delay=0.1, layers=16))
@@ -253,6 +255,7 @@ async def test_without_a_run_the_screen_shows_the_setup_or_what_is_wrong_with_it
         assert not app.screen.query_one("#run-live").display
 
 
+@pytest.mark.slow
 @async_test
 async def test_a_run_queued_behind_another_shows_once_the_first_ends():
     app = make_app("quickstart", fake_backend(delay=0.2, layers=4))  # about 2 s a run: the second waits in the queue

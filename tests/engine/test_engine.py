@@ -38,6 +38,7 @@ def _weights(loaded):
             yield i, name, weight_matrix(module)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_unstructured_sparsity_matches_the_request_in_every_linear(fresh, tokens, method):
     events = []
@@ -57,6 +58,7 @@ def test_unstructured_sparsity_matches_the_request_in_every_linear(fresh, tokens
     assert abs(report["sparsity"] - 0.6) < 0.002
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_nm_pattern_is_exact(fresh, tokens, method):
     prune(fresh, tokens, PruneStep(method=method, pattern="2:4"), batch_size=4)
@@ -65,6 +67,7 @@ def test_nm_pattern_is_exact(fresh, tokens, method):
         assert (groups == 2).all(), (i, name)
 
 
+@pytest.mark.slow
 def test_sparsegpt_changes_the_kept_weights_and_wanda_does_not(fresh, tokens):
     dense_state = {k: v.clone() for k, v in fresh.model.state_dict().items()}
     before = {(i, n): w.clone() for i, n, w in _weights(fresh)}
@@ -80,6 +83,7 @@ def test_sparsegpt_changes_the_kept_weights_and_wanda_does_not(fresh, tokens):
         assert not torch.allclose(w[kept], before[(i, n)][kept]), (i, n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_owl_layer_targets_average_to_the_request(fresh, tokens, method):
     step = PruneStep(method=method, sparsity=0.7, allocation="owl")
@@ -108,6 +112,7 @@ def test_cancel_stops_at_a_layer_boundary(fresh, tokens):
     assert [e.layer for e in seen] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_lm_head_is_left_dense_unless_asked(fresh, tokens):
     head = weight_matrix(fresh.adapter.lm_head)
     prune(fresh, tokens, PruneStep(method="wanda", sparsity=0.5), batch_size=4)
@@ -117,6 +122,7 @@ def test_lm_head_is_left_dense_unless_asked(fresh, tokens):
     assert ((head == 0).sum(1) == head.shape[1] // 2).all()
 
 
+@pytest.mark.slow
 def test_run_exports_a_checkpoint_that_transformers_reloads(tmp_path):
     from transformers import AutoModelForCausalLM
     import json

@@ -415,6 +415,7 @@ def test_register_source_documents_and_tensors(tok, monkeypatch, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_a_registered_source_is_valid_everywhere_it_is_asked(tok, monkeypatch, tmp_path):
     """One registry: a source added with register_source passes spec validation and describe_source, and the engine and
     the preview both build their windows from it."""

@@ -16,6 +16,7 @@ def cells(table) -> list[list[str]]:
     return [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
 
 
+@pytest.mark.slow
 @async_test
 async def test_a_guided_preset_runs_then_a_changed_setup_runs_and_history_compares_them():
     app = make_app("quickstart", fake_backend(delay=0.005))

@@ -11,7 +11,7 @@ from workbench.backends.protocol import (CLIENT_TYPES, PROTOCOL_VERSION, SCHEMA,
                                          Sequencer, VersionMismatch, decode, encode)
 from workbench.events import LayerDone, Metric
 
-PROTOCOL_MD = Path(__file__).resolve().parents[1] / "backends" / "PROTOCOL.md"
+PROTOCOL_MD = Path(__file__).resolve().parents[2] / "backends" / "PROTOCOL.md"
 
 # one realistic payload per message type: (job, payload)
 EXAMPLES = {

@@ -61,6 +61,7 @@ def test_malformed_toml_and_unknown_key(capsys, tmp_path):
     expect_bad_input(capsys, "validate", str(unknown), words=["calibration.samples", "nsamples"])
 
 
+@pytest.mark.slow
 def test_a_run_exits_0_prints_json_and_is_recorded(capsys):
     code, out, err = run_cli(capsys, "run", "quickstart", *FAST, "--json")
     assert code == 0, err
@@ -79,6 +80,7 @@ def test_a_run_exits_0_prints_json_and_is_recorded(capsys):
     expect_bad_input(capsys, "show", "no-such-run", words=["no run"])
 
 
+@pytest.mark.slow
 def test_the_installed_command_runs_the_quickstart_preset(tmp_path):
     """The README's headless Quick start command, in a real subprocess (with a smaller evaluation)."""
     proc = subprocess.run([sys.executable, "-m", "workbench", "run", "quickstart", "--set", "evaluate.limit=4", "--quiet"],
