@@ -12,6 +12,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, DataTable, Footer, Input, Label, Static
 
+from workbench.memory_estimate import human_bytes
+
 # (mode name, title, key) in the order of the screen bar
 SCREENS = (
     ("model", "Model", "1"),
@@ -22,16 +24,6 @@ SCREENS = (
     ("history", "History", "6"),
     ("presets", "Presets", "7"),
 )
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def human_seconds(s: float | None) -> str:
