@@ -142,11 +142,18 @@ def fixed_app(tmp_path, monkeypatch):
     time.tzset()
 
 
+async def _history_shown(pilot, screen: str) -> None:
+    """History reads the database on a thread, started after its first refresh: wait for the runs it shows."""
+    if screen == "history":
+        await wait_for(pilot, lambda: pilot.app.screen.query_one("#history-table").row_count > 0, what="the history's runs")
+
+
 @pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "120x40"])
 @pytest.mark.parametrize("screen", [name for name, _, _ in SCREENS])
 def test_screen(screen, size, fixed_app, snap_compare):
     async def settle(pilot):
         await wait_for(pilot, lambda: pilot.app.screen.id == f"screen-{screen}", what=f"the {screen} screen")
+        await _history_shown(pilot, screen)
         await pilot.app.workers.wait_for_complete()  # screens read files and the history in threads
         await pilot.pause()
 
@@ -181,6 +188,7 @@ def test_pushed_view(view, size, fixed_app, snap_compare):
     async def open_it(pilot):
         app = pilot.app
         await wait_for(pilot, lambda: app.screen.id == f"screen-{start}", what=f"the {start} screen")
+        await _history_shown(pilot, start)
         await app.workers.wait_for_complete()
         await pilot.pause()
         if view == "detail":
