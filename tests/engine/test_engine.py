@@ -1,5 +1,7 @@
 """The pruning pass on the demo model: achieved sparsity, patterns, OWL, cancellation, export."""
 
+import math
+
 import pytest
 import torch
 
@@ -43,19 +45,24 @@ def _weights(loaded):
 def test_unstructured_sparsity_matches_the_request_in_every_linear(fresh, tokens, method):
     events = []
     report = prune(fresh, tokens, PruneStep(method=method, sparsity=0.6), batch_size=4, emit=events.append)
+    per_row = set()
     assert [e.layer for e in events if isinstance(e, LayerDone)] == list(range(8))
     for i, name, w in _weights(fresh):
         out, cols = w.shape
         zeros = int((w == 0).sum())
-        if method == "magnitude":  # whole-matrix comparison
-            assert zeros == round(0.6 * w.numel()), (i, name)
+        if method == "magnitude":  # whole-matrix comparison, the reference count floor(n * s)
+            assert zeros == math.floor(w.numel() * 0.6), (i, name)
         elif method == "wanda":  # per output row
-            assert ((w == 0).sum(1) == round(0.6 * cols)).all(), (i, name)
-        else:  # SparseGPT picks its mask block by block (128 columns): within rounding of each block
-            blocks = -(-cols // 128)
-            assert abs(zeros - 0.6 * w.numel()) <= out * blocks, (i, name)
+            assert ((w == 0).sum(1) == math.floor(cols * 0.6)).all(), (i, name)
+        else:  # SparseGPT: floor(s * rows * 128) of each 128-column block of each matrix, rows free to differ
+            assert zeros == sum(math.floor(out * min(128, cols - c) * 0.6) for c in range(0, cols, 128)), (i, name)
+            per_row.update(int(z) for z in (w == 0).sum(1))
         assert report["layers"][i]["modules"][name]["zeros"] == zeros
-    assert abs(report["sparsity"] - 0.6) < 0.002
+    # floor(n * s) per row, matrix or block: short of the target by less than one weight in the narrowest row
+    narrowest = min(w.shape[1] for _, _, w in _weights(fresh))
+    assert 0.6 - 1 / narrowest < report["sparsity"] <= 0.6 + 1e-9
+    if method == "sparsegpt":
+        assert len(per_row) > 1  # one threshold per block: rows end at different counts
 
 
 @pytest.mark.slow
@@ -96,8 +103,9 @@ def test_owl_layer_targets_average_to_the_request(fresh, tokens, method):
     order_targets = sorted(range(8), key=lambda i: targets[i])
     order_ratios = sorted(range(8), key=lambda i: -ratios[i])
     assert order_targets == order_ratios
-    for layer in report["layers"]:
-        assert abs(layer["sparsity"] - layer["target"]) < 0.002
+    narrowest = min(w.shape[1] for _, _, w in _weights(fresh))
+    for layer in report["layers"]:  # floor(n * s) weights: short of the target by less than one per narrowest row
+        assert layer["target"] - 1 / narrowest < layer["sparsity"] <= layer["target"] + 1e-9
 
 
 def test_cancel_stops_at_a_layer_boundary(fresh, tokens):

@@ -3,6 +3,8 @@ its reconstruction quality against Wanda and magnitude pruning."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -22,17 +24,28 @@ def lowest_k_by_rank(scores, k):
     return rank < k
 
 
-def naive_sparsegpt(weight, hessian, sparsity, n=0, m=0, blocksize=128, percdamp=0.01, dtype=torch.float64):
-    """Independent reference: the SparseGPT sweep one column at a time (float64 by default).
+def lowest_k_of_block(scores, k):
+    """The k lowest scores of a whole block (ties: the lower row-major position), by rank counting."""
+    rows, cols = scores.shape
+    return lowest_k_by_rank(scores.reshape(1, -1), k).reshape(rows, cols)
 
-    Mask choice follows the product's documented rule: unstructured selects, per
-    row, round(s*end) - round(s*start) of each block's columns at the block's
-    start; N:M selects each group of m when the sweep reaches it. Ties go to the
-    lower column.
+
+def naive_sparsegpt(weight, hessian, sparsity, n=0, m=0, blocksize=128, percdamp=0.01, dtype=torch.float64,
+                    scope="matrix", row_groups=None):
+    """Independent reference: Algorithm 1 of the paper, one column at a time (float64 by default).
+
+    Unstructured masks are chosen at each block's start from w^2 / [Hinv]_jj^2:
+    scope "matrix" (the paper's reference code) prunes the floor(s * numel)
+    lowest scores of the block of each weight matrix (``row_groups`` splits a
+    stack of matrices), scope "row" floor(s*end) - floor(s*start) per row. N:M
+    selects each group of m when the sweep reaches it. Ties go to the lower
+    position.
     """
     W = weight.detach().to(dtype).clone()
     H = hessian.detach().to(dtype).clone()
     rows, cols = W.shape
+    groups = row_groups or [rows]
+    starts = [sum(groups[:i]) for i in range(len(groups))]
     for j in torch.nonzero(torch.diag(H) == 0).flatten().tolist():
         H[j, j] = 1.0
         W[:, j] = 0.0
@@ -48,7 +61,12 @@ def naive_sparsegpt(weight, hessian, sparsity, n=0, m=0, blocksize=128, percdamp
         E = torch.zeros_like(W1)
         M1 = torch.zeros_like(W1, dtype=torch.bool)
         if n == 0:
-            M1 = lowest_k_by_rank(W1**2 / d**2, round(sparsity * i2) - round(sparsity * i1))
+            scores = W1**2 / d**2
+            if scope == "row":
+                M1 = lowest_k_by_rank(scores, math.floor(sparsity * i2) - math.floor(sparsity * i1))
+            else:
+                for r0, size in zip(starts, groups):
+                    M1[r0:r0 + size] = lowest_k_of_block(scores[r0:r0 + size], math.floor(size * (i2 - i1) * sparsity))
         for j in range(i2 - i1):
             if n and j % m == 0:
                 M1[:, j : j + m] = lowest_k_by_rank(W1[:, j : j + m] ** 2 / d[j : j + m] ** 2, n)
@@ -94,14 +112,15 @@ def rel(a, b):
     ],
 )
 @pytest.mark.parametrize("solver", ["device_default", "trsm", "scan"])
-def test_fused_matches_naive_column_loop(rows, cols, blocksize, sparsity, n, m, solver, monkeypatch):
+@pytest.mark.parametrize("scope", ["matrix", "row"])
+def test_fused_matches_naive_column_loop(rows, cols, blocksize, sparsity, n, m, solver, scope, monkeypatch):
     # Both leaf solvers are exercised here, whichever the device would pick.
     if solver != "device_default":
         leaf_solve = sg._leaf_trsm if solver == "trsm" else sg._leaf_scan
         monkeypatch.setattr(sg, "_leaf_plan", lambda device, n, m: ((m if n else 16), leaf_solve))
     W, _, H = random_layer(rows, cols, tokens=4 * cols, seed=rows * cols + n, dead=(5, cols - 3))
-    res = sparsegpt_prune(W, H, sparsity, n=n, m=m, blocksize=blocksize)
-    W_ref, mask_ref, err_ref = naive_sparsegpt(W, H, sparsity, n=n, m=m, blocksize=blocksize)
+    res = sparsegpt_prune(W, H, sparsity, n=n, m=m, blocksize=blocksize, scope=scope)
+    W_ref, mask_ref, err_ref = naive_sparsegpt(W, H, sparsity, n=n, m=m, blocksize=blocksize, scope=scope)
     assert torch.equal(res.mask, mask_ref)
     assert rel(res.weight, W_ref) < 1e-4
     assert res.error == pytest.approx(err_ref, rel=1e-4)
@@ -176,9 +195,15 @@ def test_sparsity_zero_returns_weights_unchanged():
 def test_mask_patterns_are_exact():
     W, _, H = random_layer(32, 128, 512, seed=9)
     for sparsity in (0.1, 0.5, 0.63):
+        res = sparsegpt_prune(W, H, sparsity, blocksize=48, scope="row")
+        assert torch.all(res.mask.sum(1) == math.floor(sparsity * 128))
+        assert torch.all(res.weight[res.mask] == 0)
+        # the paper's rule: floor(s * numel) of each block of the matrix, the rows free to differ
         res = sparsegpt_prune(W, H, sparsity, blocksize=48)
-        per_row = res.mask.sum(1)
-        assert torch.all(per_row == round(sparsity * 128))
+        for c in range(0, 128, 48):
+            width = min(48, 128 - c)
+            assert int(res.mask[:, c:c + width].sum()) == math.floor(32 * width * sparsity)
+        assert len(set(res.mask.sum(1).tolist())) > 1
         assert torch.all(res.weight[res.mask] == 0)
     for n, m in ((2, 4), (4, 8), (1, 4)):
         res = sparsegpt_prune(W, H, 0.0, n=n, m=m)
@@ -202,16 +227,34 @@ def test_input_dtype_is_preserved_and_input_untouched():
 
 
 def test_stacked_layers_prune_like_separate_ones():
-    # q/k/v share an input: stacking their rows must not change any row's result.
+    # q/k/v share an input: stacking their rows (with row_groups saying where each matrix ends) must not change
+    # any row's result, whether the mask is chosen per matrix block, per row or N:M.
     W, _, H = random_layer(48, 64, 256, seed=4)
     parts = (W[:8] * 10.0, W[8:24], W[24:] * 0.1)
-    for kw in ({"sparsity": 0.5}, {"sparsity": 0.0, "n": 2, "m": 4}):
-        stacked = sparsegpt_prune(torch.cat(parts), H, blocksize=32, **kw)
+    for kw in ({"sparsity": 0.5}, {"sparsity": 0.7}, {"sparsity": 0.5, "scope": "row"}, {"sparsity": 0.0, "n": 2, "m": 4}):
+        stacked = sparsegpt_prune(torch.cat(parts), H, blocksize=32, row_groups=[8, 16, 24], **kw)
         separate = [sparsegpt_prune(p, H, blocksize=32, **kw) for p in parts]
         assert torch.equal(stacked.mask, torch.cat([s.mask for s in separate]))
         for got, s in zip(stacked.weight.split([8, 16, 24]), separate):
             assert rel(got, s.weight) < 1e-5
         assert stacked.error == pytest.approx(sum(s.error for s in separate), rel=1e-4)
+
+
+@pytest.mark.parametrize("kw", [{"sparsity": 0.5}, {"sparsity": 0.7}, {"sparsity": 0.0, "n": 2, "m": 4}])
+def test_a_stack_of_matrices_matches_the_column_loop_with_a_threshold_per_matrix(kw):
+    # q/k/v-like: three matrices of different scales sharing one Hessian, pruned as one stack.
+    W, _, H = random_layer(40, 96, 384, seed=12)
+    stack = torch.cat([W[:8] * 4.0, W[8:16], W[16:] * 0.25])
+    res = sparsegpt_prune(stack, H, blocksize=32, row_groups=[8, 8, 24], **kw)
+    W_ref, mask_ref, err_ref = naive_sparsegpt(stack, H, blocksize=32, row_groups=[8, 8, 24], **kw)
+    assert torch.equal(res.mask, mask_ref)
+    assert rel(res.weight, W_ref) < 1e-4
+    assert res.error == pytest.approx(err_ref, rel=1e-4)
+    if not kw.get("n"):
+        # one threshold over the whole stack would take most weights from the small matrix; per matrix, each
+        # loses its own share
+        for lo, hi in ((0, 8), (8, 16), (16, 40)):
+            assert int(res.mask[lo:hi].sum()) == sum(math.floor((hi - lo) * 32 * kw["sparsity"]) for _ in range(3))
 
 
 def test_bad_arguments_raise_value_error():
@@ -232,6 +275,8 @@ def test_bad_arguments_raise_value_error():
         dict(weight=W, hessian=H, sparsity=0.5, percdamp=-1.0),
         dict(weight=W, hessian=-torch.eye(32), sparsity=0.5, percdamp=0.0),  # not positive definite
         dict(weight=W, hessian=H * float("nan"), sparsity=0.5),
+        dict(weight=W, hessian=H, sparsity=0.5, scope="column"),
+        dict(weight=W, hessian=H, sparsity=0.5, row_groups=[4, 3]),  # 7 rows of 8
     ]
     for kwargs in bad:
         with pytest.raises(ValueError):

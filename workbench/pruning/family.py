@@ -35,6 +35,7 @@ METHODS: dict[str, PruneMethod] = {m.name: m for m in (
     PruneMethod("wanda", "workbench.pruning.methods:wanda", statistics=("sq_norm",),
                 help="|W| times the input feature's l2 norm, within each output row (Sun et al., 2024)"),
     PruneMethod("sparsegpt", "workbench.pruning.methods:sparsegpt", statistics=("hessian",), joint=True,
+                scopes=("matrix", "row"),
                 help="OBS with lazy batch updates: prune and update the remaining weights (Frantar & Alistarh, 2023)"),
     PruneMethod("ria", "workbench.pruning.ria:prune", statistics=("sq_norm",),
                 help="relative importance (|W| over its row's and its column's totals) times the input norm ** 0.5, "
@@ -66,8 +67,11 @@ class PruneStep:
                               choices=ALLOCATIONS)
     owl_m: float = setting(5.0, help="OWL: a weight is an outlier above M times its layer's mean score", when=_OWL)
     owl_lambda: float = setting(0.08, help="OWL: layer sparsities spread over target +- lambda", when=_OWL)
-    scope: str | None = setting(None, help="magnitude: matrix (default) or row; wanda and sparsegpt compare within rows",
-                                choices=SCOPES, when=("method", ("magnitude", "random")))
+    scope: str | None = setting(None, help="where weights compete. magnitude: matrix (default) or row; sparsegpt: matrix "
+                                           "(default: one threshold per 128-column block of each matrix, as the paper) or "
+                                           "row (every row at the same count); random: row (default) or matrix; "
+                                           "wanda and ria compare within rows",
+                                choices=SCOPES, when=("method", ("magnitude", "sparsegpt", "random")))
     include_lm_head: bool = setting(False, help="also prune the LM head (not when it shares the embeddings' weights)")
     blocksize: int = setting(128, help="SparseGPT: columns solved per lazy batch update", when=_SPARSEGPT)
     percdamp: float = setting(0.01, help="SparseGPT: dampening added to the Hessian's diagonal, as a fraction of its mean",

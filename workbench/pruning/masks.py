@@ -99,11 +99,13 @@ def _lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "row") -> torch.Tensor:
-    """Prune exactly k = round(sparsity * n) lowest-scoring entries.
+    """Prune exactly k = floor(n * sparsity) lowest-scoring entries.
 
     scope="row": n = in_features and each output row is pruned separately (as
     Wanda does). scope="matrix": n = numel, one ranking over the whole matrix
-    (the classic magnitude baseline). ``round`` is Python's (half to even).
+    (the classic magnitude baseline). The count is the reference
+    implementations' ``int(n * sparsity)``, so published settings reproduce
+    exactly.
     Ties are broken by position: the lower index (row-major for "matrix") is
     pruned first. ``sparsity`` must be in [0, 1). Returns a bool mask on the
     scores' device, True = pruned.
@@ -115,9 +117,9 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "row")
     _check_finite_scores(scores)
     rows, cols = scores.shape
     if scope == "row":
-        return _lowest_k_mask(scores, int(round(s * cols)))
+        return _lowest_k_mask(scores, int(cols * s))
     flat = scores.reshape(1, -1)
-    return _lowest_k_mask(flat, int(round(s * flat.shape[1]))).reshape(rows, cols)
+    return _lowest_k_mask(flat, int(flat.shape[1] * s)).reshape(rows, cols)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -54,11 +54,13 @@ def wanda(group: Group) -> dict[str, dict]:
 
 
 def sparsegpt(group: Group) -> dict[str, dict]:
-    """SparseGPT on the group stacked into one matrix (rows are independent given the shared Hessian)."""
+    """SparseGPT on the group stacked into one matrix (rows are independent given the shared Hessian); with scope
+    "matrix" each linear's block still gets its own threshold."""
     stacked = torch.cat(group.weights, dim=0) if len(group.weights) > 1 else group.weights[0]
     try:
         result = sparsegpt_prune(stacked, group.stats["hessian"], group.sparsity, n=group.n, m=group.m,
-                                 blocksize=group.options["blocksize"], percdamp=group.options["percdamp"])
+                                 blocksize=group.options["blocksize"], percdamp=group.options["percdamp"],
+                                 scope=group.scope, row_groups=[w.shape[0] for w in group.weights])
     except ValueError as exc:
         if "increase percdamp" in str(exc):  # the user can fix it: a setting, not a bug
             raise UserError(str(exc).split(";")[0], "increase percdamp (for example to 0.05) or use more calibration "

@@ -12,10 +12,11 @@ between blocks. N:M blocks on CUDA are replayed as a captured CUDA graph.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -225,6 +226,41 @@ class _GraphedNMBlock:
                 self.failed = True  # keep going eagerly; the warm-up results are intact
 
 
+def _row_segments(rows: int, scope: str, row_groups: Sequence[int] | None) -> list[tuple[int, int]] | None:
+    """The row ranges whose blocks compete as one (scope "matrix"), or None (scope "row")."""
+    if scope not in ("matrix", "row"):
+        raise ValueError(f"scope must be 'matrix' or 'row', got {scope!r}")
+    if scope == "row":
+        return None
+    groups = [rows] if row_groups is None else [int(g) for g in row_groups]
+    if any(g < 1 for g in groups) or sum(groups) != rows:
+        raise ValueError(f"row_groups {list(groups)} must be positive and sum to the weight's {rows} rows")
+    ends = list(itertools.accumulate(groups))
+    return list(zip([0] + ends[:-1], ends))
+
+
+def _choose_block_mask(W1, M1, invd, sparsity, i1, i2, segments) -> bool:
+    """Mark the pruned weights of block [i1, i2) in ``M1``; False when the block loses none."""
+    scores = (W1 * invd).abs()  # orders like w^2 / d^2
+    if segments is None:
+        # Cumulative counts make every row's total exactly floor(sparsity * cols).
+        k = int(sparsity * i2) - int(sparsity * i1)
+        if k == 0:
+            return False
+        M1.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)
+        return True
+    width, chosen = i2 - i1, False
+    for r0, r1 in segments:
+        k = int((r1 - r0) * width * sparsity)
+        if k == 0:
+            continue
+        flat = torch.zeros((r1 - r0) * width, dtype=torch.bool, device=W1.device)
+        flat[torch.argsort(scores[r0:r1].reshape(-1), stable=True)[:k]] = True
+        M1[r0:r1] |= flat.view(r1 - r0, width)
+        chosen = True
+    return chosen
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor,
@@ -234,14 +270,22 @@ def sparsegpt_prune(
     m: int = 0,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    scope: str = "matrix",
+    row_groups: Sequence[int] | None = None,
 ) -> SparseGPTResult:
     """Prune ``weight`` (out_features, in_features) with SparseGPT.
 
     ``hessian``: X^T X over the calibration tokens, (in_features, in_features),
     any positive scale; it is copied to the weight's device, never modified.
-    Unstructured (n=m=0): each row loses exactly round(sparsity * in_features)
-    weights, chosen block by block (per row, round(s*end) - round(s*start) of
-    each block's columns, from w^2 / [Hinv]_jj^2 at the block's start).
+    Unstructured (n=m=0): the mask is chosen block by block from the scores
+    w^2 / [Hinv]_jj^2 at the block's start. scope="matrix" (the paper's rule,
+    the default): the floor(sparsity * rows * width) lowest scores of the whole
+    block of each weight matrix, so rows may differ; ``row_groups`` (row counts
+    summing to out_features) says where one matrix ends and the next begins
+    when several that share an input are stacked, and each gets its own count.
+    scope="row": per row, floor(s*end) - floor(s*start) of the block's columns,
+    so every row ends at exactly floor(sparsity * in_features). Ties: the lower
+    position (row-major within a block) is pruned first.
     N:M (0 < n < m, in_features % m == 0): n of every m consecutive inputs per
     row; ``sparsity`` must then be 0 or n/m. A blocksize that is not a multiple
     of m is rounded down to one (at least m).
@@ -260,6 +304,7 @@ def sparsegpt_prune(
     """
     sparsity, n, m, blocksize, percdamp = _check_args(weight, hessian, sparsity, n, m, blocksize, percdamp)
     rows, cols = weight.shape
+    segments = _row_segments(rows, scope, row_groups)
     device = weight.device
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=device)
     if n == 0 and sparsity == 0.0:
@@ -290,13 +335,8 @@ def sparsegpt_prune(
             M1.copy_(M1_new)
         else:
             invd = U.diagonal().reciprocal()
-            if not n:
-                # Cumulative rounding makes every row's total exactly round(sparsity * cols).
-                k = round(sparsity * i2) - round(sparsity * i1)
-                if k == 0:
-                    continue
-                idx = torch.argsort((W1 * invd).abs(), dim=1, stable=True)[:, :k]
-                M1.scatter_(1, idx, True)
+            if not n and not _choose_block_mask(W1, M1, invd, sparsity, i1, i2, segments):
+                continue  # nothing pruned in this block: it stays as it is
             E1 = torch.zeros(rows, i2 - i1, dtype=torch.float32, device=device)
             _sweep(W1, E1, M1, U, invd, 0, i2 - i1, leaf, solve, n)
         error += E1.square().sum()
