@@ -261,6 +261,8 @@ class EvaluateScreen(WorkbenchScreen):
                             yield Input(compact=True, id=f"run-{key}")
                     yield Label("Evaluated by the run (\\[evaluate])", classes="eval-heading")
                     yield Check("the dense model too, before compressing", bool(e["before"]), compact=True, id="run-before")
+                    yield Check("measure the dense model again, not a stored figure (--fresh)", bool(e["fresh"]),
+                                compact=True, id="run-fresh")
                     yield from eval_fields("run", e)
                     yield Label("Kept by the run (\\[export])", classes="eval-heading")
                     yield Check("export the compressed model (Evaluate can measure it later)", compact=True, id="run-save")
@@ -389,6 +391,7 @@ class EvaluateScreen(WorkbenchScreen):
             e = eval_values(session.data.get("evaluate"))
             fill_eval_fields(self, "run", e)
             self._set(self.query_one("#run-before", Checkbox), bool(e["before"]))
+            self._set(self.query_one("#run-fresh", Checkbox), bool(e["fresh"]))
             x = {**asdict(ExportSpec()), **{k: v for k, v in (session.data.get("export") or {}).items() if v is not None}}
             self._set(self.query_one("#run-save", Checkbox), x["save"] is True)
             self._set(self.query_one("#run-out", Input), str(x["out"] or ""))
@@ -407,7 +410,8 @@ class EvaluateScreen(WorkbenchScreen):
         """The [evaluate] and [export] tables the Run settings tab describes."""
         session = self.app.session
         hidden = {k: v for k, v in (session.data.get("evaluate") or {}).items() if k in HIDDEN}
-        evaluate = {**hidden, **read_eval_fields(self, "run"), "before": self.query_one("#run-before", Checkbox).value}
+        evaluate = {**hidden, **read_eval_fields(self, "run"), "before": self.query_one("#run-before", Checkbox).value,
+                    "fresh": self.query_one("#run-fresh", Checkbox).value}
         export = {"save": self.query_one("#run-save", Checkbox).value,
                   "out": self.query_one("#run-out", Input).value.strip() or None,
                   "dtype": self.query_one("#run-dtype", Select).value,

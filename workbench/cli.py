@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. --set steps.0.sparsity=0.6 (repeatable)")
     run.add_argument("--out", help="export the compressed model to this folder (safetensors + compression.json)")
+    run.add_argument("--fresh", action="store_true",
+                     help="measure the dense model again even when an identical measurement is stored (evaluate.fresh)")
     run.add_argument("--overwrite", action="store_true",
                      help="let --out replace an earlier workbench export in that folder (never any other folder)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
@@ -137,6 +139,8 @@ def cmd_run(args) -> int:
         overrides += ["export.save=true", f"export.out={json.dumps(args.out)}"]
     if args.overwrite:
         overrides.append("export.overwrite=true")
+    if args.fresh:
+        overrides.append("evaluate.fresh=true")
     spec = load_preset(args.preset, overrides)
     from workbench.backends.transports import gpu_group, parse_backend
 

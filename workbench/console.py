@@ -68,6 +68,8 @@ def metric_text(m: dict) -> str:
         how.append(f"{m['windows']} samples")
     if m.get("limit"):
         how.append(f"limit {m['limit']}")
+    if (m.get("extra") or {}).get("reused_from"):
+        how.append(f"reused from run {m['extra']['reused_from']}")
     value = f"{m['value']:.4g}" if isinstance(m.get("value"), (int, float)) else str(m.get("value"))
     if m.get("stderr") is not None:
         value += f" ± {m['stderr']:.2g}"

@@ -167,6 +167,7 @@ class Run:
         return self._prepared
 
     def _perplexity(self, phase: str, device: torch.device) -> None:
+        from .evaluation.baselines import load_baseline, store_baseline
         from .evaluation.suite import phase_label
         from .perplexity import bits_per_byte, eval_tokens, perplexity
 
@@ -177,15 +178,38 @@ class Run:
         with self.stage(name, f"Perplexity ({phase_label(phase)})"):
             for ds in e.perplexity:
                 ids = eval_tokens(ds, loaded.tokenizer, seqlen)
+                # the dense model's figure is stored under everything that determines it, and reused
+                key = self._baseline_key(ds, ids, seqlen, device) if phase == "before" else None
+                stored = load_baseline(key) if key and not e.fresh else None
+                if stored is not None:
+                    self.emit(Log(message=f"dense perplexity on {ds} reused from run {stored.get('run_id')} "
+                                          f"({stored.get('stored')}); --fresh measures it again"))
+                    self.add_metric({"name": "perplexity", "dataset": ds, "phase": phase, "value": float(stored["value"]),
+                                     "seqlen": seqlen, "windows": int(stored["windows"]), "limit": e.limit,
+                                     "extra": {"bits_per_byte": stored.get("bits_per_byte"),
+                                               "reused_from": stored.get("run_id")}})
+                    continue
 
                 def progress(done, total, ds=ds):
                     self.emit(Progress(stage=name, done=done, total=total, detail=ds))
 
                 result = perplexity(loaded.model, ids, seqlen, limit=e.limit, batch_size=e.batch_size,
                                     device=device, progress=progress, cancel=self.cancel)
+                bpb = bits_per_byte(result, ids, loaded.tokenizer)
                 self.add_metric({"name": "perplexity", "dataset": ds, "phase": phase, "value": float(result["ppl"]),
                                  "seqlen": seqlen, "windows": int(result["windows"]), "limit": e.limit,
-                                 "extra": {"bits_per_byte": bits_per_byte(result, ids, loaded.tokenizer)}})
+                                 "extra": {"bits_per_byte": bpb}})
+                if key:
+                    store_baseline(key, {"value": float(result["ppl"]), "windows": int(result["windows"]),
+                                         "bits_per_byte": bpb, "run_id": self.run_id, "dataset": ds})
+
+    def _baseline_key(self, ds: str, ids, seqlen: int, device: torch.device) -> str | None:
+        from .evaluation.baselines import perplexity_key
+
+        e = self.spec.evaluate
+        return perplexity_key(self.loaded, ids, dataset=ds, seqlen=seqlen, limit=e.limit, batch_size=e.batch_size,
+                              device_type=torch.device(device).type, trust_remote_code=self.spec.model.trust_remote_code,
+                              versions=versions())
 
     def add_metric(self, metric: dict) -> None:
         """Keep a measured number in the run's summary and emit it (the history stores it as it arrives)."""

@@ -117,7 +117,7 @@ def test_a_whole_session_in_a_terminal(tmp_path):
         _until(lambda: "Evaluate a model now" in terminal.capture(), deadline, "the Evaluate screen")
         keys("]")  # the next tab; the focus goes to its first field (the name)
         _until(lambda: "automatic: quickstart" in terminal.capture(), deadline, "the Run settings tab")
-        keys(*["Tab"] * 5, "C-u", "4")  # name, description, reference, before, data sets: the window limit
+        keys(*["Tab"] * 6, "C-u", "4")  # name, description, reference, before, fresh, data sets: the window limit
         keys(*["Tab"] * 14, "Space")  # on to "export the compressed model"
         _until(lambda: "✓▌ export the compressed model" in terminal.capture(), deadline, "export turned on")
         keys("4")  # the Run screen: what ctrl+r would run, with the edited settings

@@ -25,6 +25,8 @@ def register(sub) -> dict:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set steps.0.trials=20 (repeatable)")
     p.add_argument("--out", help="export the compressed model to this folder (safetensors + compression.json)")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure the dense model again even when an identical measurement is stored (evaluate.fresh)")
     p.add_argument("--overwrite", action="store_true",
                    help="let --out replace an earlier workbench export in that folder (never any other folder)")
     p.add_argument("--merge", action="store_true", help="export plain linears (factors multiplied back) that vanilla transformers loads")
@@ -83,6 +85,8 @@ def cmd_search(args) -> int:
         overrides.append(f"export.out={json.dumps(args.out)}")
     if args.overwrite:
         overrides.append("export.overwrite=true")
+    if args.fresh:
+        overrides.append("evaluate.fresh=true")
     for item in overrides:
         apply_override(data, item)
     spec = spec_from_dict(data)

@@ -61,6 +61,7 @@ class EvalSpec:
     seqlen: int | None = None  # None: the model's context, capped at 2048
     limit: int | None = None  # the first N windows only
     before: bool = True  # also evaluate the dense model
+    fresh: bool = False  # measure the dense model again even when an identical measurement is stored (--fresh)
     batch_size: int = 4
     # zero-shot accuracy through lm-evaluation-harness (workbench.evaluation.zeroshot)
     zeroshot: list[str] = field(default_factory=list)  # bundled task names, lm_eval:NAME or file:TASK.yaml
