@@ -44,6 +44,7 @@ def _run(folder, **evaluate):
     return summary["run_id"], metric, logs
 
 
+@pytest.mark.slow
 def test_an_identical_run_reuses_the_dense_figure_and_fresh_measures_it_again(model_dir):
     first_id, first, _ = _run(model_dir)
     assert "reused_from" not in first["extra"]
@@ -61,6 +62,7 @@ def test_an_identical_run_reuses_the_dense_figure_and_fresh_measures_it_again(mo
     assert first["value"] == pytest.approx(perplexity(loaded.model, ids, 32, limit=3, batch_size=4)["ppl"], rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [{"limit": 2}, {"seqlen": 16}, {"batch_size": 1}])
 def test_another_protocol_is_measured(model_dir, change):
     _run(model_dir)
@@ -68,6 +70,7 @@ def test_another_protocol_is_measured(model_dir, change):
     assert "reused_from" not in metric["extra"]
 
 
+@pytest.mark.slow
 def test_changed_weights_are_measured(model_dir):
     _, before, _ = _run(model_dir)
     weights = model_dir / "model.safetensors"
@@ -118,6 +121,7 @@ def test_a_hub_model_without_a_known_commit_is_never_reused(model_dir):
     assert baselines.perplexity_key(loaded, ids, **kw) is not None
 
 
+@pytest.mark.slow
 def test_a_damaged_record_is_a_miss(model_dir):
     first_id, first, _ = _run(model_dir)
     [record] = list(baselines.baseline_folder().glob("*.json"))
