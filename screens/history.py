@@ -157,9 +157,16 @@ class HistoryScreen(WorkbenchScreen):
         keep, ids = self.cursor_run(), {row[6] for row in rows}
         self.marked &= ids
         table.clear()
+        widths = [column.content_width for column in table.ordered_columns]
         for row in rows:
-            cells = [Text(c, style=STATUS_STYLE.get(c, "") if i == 1 else "") for i, c in enumerate(row)]
-            table.add_row(Text(MARK if row[6] in self.marked else ""), *cells, key=row[6])
+            cells = [Text(MARK if row[6] in self.marked else "")]
+            cells += [Text(c, style=STATUS_STYLE.get(c, "") if i == 1 else "") for i, c in enumerate(row)]
+            table.add_row(*cells, key=row[6])
+            widths = [max(w, cell.cell_len) for w, cell in zip(widths, cells)]
+        # Size the columns now: the table would do it when it next goes idle, and a repaint before that would draw
+        # (and keep) every cell cut to its column's title.
+        for column, width in zip(table.ordered_columns, widths):
+            column.content_width = width
         if keep in ids:
             table.move_cursor(row=table.get_row_index(keep), animate=False)
 

@@ -13,6 +13,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from rich.text import Text
 
 from tui_support import LARGE, SMALL, make_app, wait_for
 from workbench import __version__
@@ -143,9 +144,20 @@ def fixed_app(tmp_path, monkeypatch):
 
 
 async def _history_shown(pilot, screen: str) -> None:
-    """History reads the database on a thread, started after its first refresh: wait for the runs it shows."""
-    if screen == "history":
-        await wait_for(pilot, lambda: pilot.app.screen.query_one("#history-table").row_count > 0, what="the history's runs")
+    """History reads the database on a thread, started after its first refresh: wait for the runs it shows, and
+    for the table to have sized its columns to them (a DataTable does that when it next goes idle)."""
+    if screen != "history":
+        return
+
+    def settled() -> bool:
+        table = pilot.app.screen.query_one("#history-table")
+        if table.row_count == 0:
+            return False
+        rows = [table.get_row_at(r) for r in range(table.row_count)]
+        return all(not column.auto_width or column.content_width >= max(Text(str(row[i])).cell_len for row in rows)
+                   for i, column in enumerate(table.ordered_columns))
+
+    await wait_for(pilot, settled, what="the history's runs, in columns as wide as they are")
 
 
 @pytest.mark.parametrize("size", [SMALL, LARGE], ids=["80x24", "120x40"])
