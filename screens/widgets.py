@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, DataTable, Footer, Input, Label, Static
 
-from workbench.memory_estimate import human_bytes
+from workbench.host import human_bytes  # light: the UI imports it at start
 
 # (mode name, title, key) in the order of the screen bar
 SCREENS = (

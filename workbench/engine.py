@@ -18,6 +18,7 @@ import torch
 from . import __version__
 from .context import StepContext, timed_stage
 from .errors import RunError, UserError, WorkbenchError
+from .evaluation.baselines import load_baseline, perplexity_key, store_baseline
 from .events import Emit, Log, Metric, Progress, RunFinished, RunStarted, StagePlan, WarningEvent
 from .history import cache_dir, new_run_id, workbench_home
 from .data.sampling import calibration_data
@@ -167,7 +168,6 @@ class Run:
         return self._prepared
 
     def _perplexity(self, phase: str, device: torch.device) -> None:
-        from .evaluation.baselines import load_baseline, store_baseline
         from .evaluation.suite import phase_label
         from .perplexity import bits_per_byte, eval_tokens, perplexity
 
@@ -204,8 +204,6 @@ class Run:
                                          "bits_per_byte": bpb, "run_id": self.run_id, "dataset": ds})
 
     def _baseline_key(self, ds: str, ids, seqlen: int, device: torch.device) -> str | None:
-        from .evaluation.baselines import perplexity_key
-
         e = self.spec.evaluate
         return perplexity_key(self.loaded, ids, dataset=ds, seqlen=seqlen, limit=e.limit, batch_size=e.batch_size,
                               device_type=torch.device(device).type, trust_remote_code=self.spec.model.trust_remote_code,

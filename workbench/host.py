@@ -13,6 +13,17 @@ import socket
 from workbench import __version__
 from workbench.history import workbench_home
 
+def human_bytes(n: float | None) -> str:
+    """A size in bytes for people: 512 B, 3.2 MiB, 1.5 GiB."""
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def host_memory() -> tuple[int, int]:
     """(total, available) bytes of the machine's memory."""
     try:
@@ -56,4 +67,4 @@ def base_hello() -> dict:
     }
 
 
-__all__ = ["host_memory", "host_device", "base_hello"]
+__all__ = ["host_memory", "host_device", "base_hello", "human_bytes"]

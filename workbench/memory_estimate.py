@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .data.windows import window_length
 from .errors import UserError
-from .host import host_memory
+from .host import host_memory, human_bytes
 from .model_source import resolve_model_source
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -243,12 +243,3 @@ def check_spec(spec, machine: Machine | None = None, size: ModelSize | None = No
     return check(size, machine, nsamples=c.nsamples, seqlen=c.seqlen, offload=c.offload_activations,
                  device=spec.model.device, eval_seqlen=spec.evaluate.seqlen)
 
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

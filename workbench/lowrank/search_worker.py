@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -79,8 +80,6 @@ def _wait_for_the_others(config: dict, index: int, patience: float = 120.0) -> N
     Each worker marks itself ready, then waits (at most ``patience`` seconds, so
     a worker that failed to start holds nobody up) until all have.
     """
-    import time
-
     ready, workers = config.get("ready"), int(config.get("workers", 1))
     if not ready or workers < 2:
         return

@@ -15,6 +15,7 @@ __all__ = [
     "magnitude_scores",
     "wanda_scores",
     "unstructured_mask",
+    "lowest_k_mask",
     "nm_mask",
     "apply_mask_",
     "mask_sparsity",
@@ -84,7 +85,7 @@ def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Ten
     return weight.detach().abs().to(torch.float32) * norm[None, :]
 
 
-def _lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the k lowest entries of each row; ties go to the lower column index."""
     rows, cols = scores.shape
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=scores.device)
@@ -117,9 +118,9 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: str = "row")
     _check_finite_scores(scores)
     rows, cols = scores.shape
     if scope == "row":
-        return _lowest_k_mask(scores, int(cols * s))
+        return lowest_k_mask(scores, int(cols * s))
     flat = scores.reshape(1, -1)
-    return _lowest_k_mask(flat, int(flat.shape[1] * s)).reshape(rows, cols)
+    return lowest_k_mask(flat, int(flat.shape[1] * s)).reshape(rows, cols)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -133,7 +134,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     n, m = check_nm(n, m, cols)
     _check_finite_scores(scores)
     groups = scores.reshape(rows * (cols // m), m)
-    return _lowest_k_mask(groups, n).reshape(rows, cols)
+    return lowest_k_mask(groups, n).reshape(rows, cols)
 
 
 def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

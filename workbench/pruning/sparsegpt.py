@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .masks import check_nm
+from .masks import check_nm, lowest_k_mask
 
 __all__ = ["SparseGPTResult", "sparsegpt_prune"]
 
@@ -245,19 +245,13 @@ def _choose_block_mask(W1, M1, invd, sparsity, i1, i2, segments) -> bool:
     if segments is None:
         # Cumulative counts make every row's total exactly floor(sparsity * cols).
         k = int(sparsity * i2) - int(sparsity * i1)
-        if k == 0:
-            return False
-        M1.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)
-        return True
+        M1 |= lowest_k_mask(scores, k)
+        return k > 0
     width, chosen = i2 - i1, False
-    for r0, r1 in segments:
+    for r0, r1 in segments:  # each matrix's block: its floor(numel * sparsity) lowest scores, row-major ties
         k = int((r1 - r0) * width * sparsity)
-        if k == 0:
-            continue
-        flat = torch.zeros((r1 - r0) * width, dtype=torch.bool, device=W1.device)
-        flat[torch.argsort(scores[r0:r1].reshape(-1), stable=True)[:k]] = True
-        M1[r0:r1] |= flat.view(r1 - r0, width)
-        chosen = True
+        M1[r0:r1] |= lowest_k_mask(scores[r0:r1].reshape(1, -1), k).view(r1 - r0, width)
+        chosen = chosen or k > 0
     return chosen
 
 
