@@ -28,8 +28,9 @@ import math
 import random
 import re
 import statistics
+import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -182,17 +183,19 @@ class ICLRunner:
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, verbose=False)["input_ids"])
 
-    def encode(self, prompt: str) -> tuple[list[int], list[list[int]]]:
-        """The prompt's tokens and each label word's continuation tokens, split as lm-eval does.
+    def encode(self, prompt: str, choices: tuple[str, ...] | None = None) -> tuple[list[int], list[list[int]]]:
+        """The prompt's tokens and each choice's continuation tokens (the label words by default), split as lm-eval does.
 
         The prompt followed by " word" is encoded whole and cut where the
         prompt's own encoding ends, so the continuation is what the model
         would have to produce after exactly this context.
         """
         ctx = self._encode(prompt)
-        return ctx, [self._encode(f"{prompt} {word}")[len(ctx):] for word in self.dataset.label_words]
+        words = self.dataset.label_words if choices is None else choices
+        return ctx, [self._encode(f"{prompt} {word}")[len(ctx):] for word in words]
 
-    def fitted(self, demos: list[tuple[dict, int]], query: dict) -> tuple[list[int], list[list[int]], int]:
+    def fitted(self, demos: list[tuple[dict, int]], query: dict,
+               choices: tuple[str, ...] | None = None) -> tuple[list[int], list[list[int]], int]:
         """Context and continuations that fit the model's context, dropping the least relevant (first) demonstrations.
 
         Returns the tokens and how many demonstrations were kept. A query too
@@ -200,22 +203,22 @@ class ICLRunner:
         """
         demos = list(demos)
         while True:
-            ctx, conts = self.encode(self.prompt(demos, query))
+            ctx, conts = self.encode(self.prompt(demos, query), choices)
             room = self.context - max(len(c) for c in conts)
             if len(ctx) <= room or not demos:
                 break
             demos = demos[1:]
         return ctx[max(0, len(ctx) - room):], conts, len(demos)
 
-    @torch.no_grad()
-    def label_logprobs(self, ctx: list[int], conts: list[list[int]]) -> torch.Tensor:
-        """Summed log-probability of each label word's tokens after the context, in one forward pass.
+    def scores(self, ctx: list[int], conts: list[list[int]], norms: list[int] | None = None) -> torch.Tensor:
+        """Summed log-probability of each continuation's tokens after the context, in one forward pass (differentiable).
 
-        The rows are the context followed by each label word of several
+        The rows are the context followed by each continuation of several
         tokens (all but its last token), right-padded: with causal attention
         padding after a position never changes that position's logits, so no
         attention mask is needed, and the context's last position in row 0
-        scores every label word's first token.
+        scores every continuation's first token. With ``norms`` (multiple
+        choice: each choice's length in bytes) each sum is divided by its norm.
         """
         longer = [c for c in conts if len(c) > 1] or [[]]
         rows = [ctx + c[:-1] for c in longer]
@@ -224,12 +227,30 @@ class ICLRunner:
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
         logp = F.log_softmax(self.model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
         start = len(ctx) - 1
-        scores = []
+        out = []
         for cont in conts:
             row = longer.index(cont) if len(cont) > 1 else 0
             positions = torch.arange(start, start + len(cont), device=logp.device)
-            scores.append(logp[row, positions, torch.tensor(cont, device=logp.device)].sum())
-        return torch.stack(scores).cpu()
+            out.append(logp[row, positions, torch.tensor(cont, device=logp.device)].sum())
+        out = torch.stack(out)
+        if norms is not None:
+            out = out / torch.tensor(norms, dtype=out.dtype, device=out.device)
+        return out.cpu()
+
+    @torch.no_grad()
+    def label_logprobs(self, ctx: list[int], conts: list[list[int]], norms: list[int] | None = None) -> torch.Tensor:
+        """:meth:`scores` without gradients: what a plain evaluation compares."""
+        return self.scores(ctx, conts, norms)
+
+    def norms(self, choices: tuple[str, ...] | None) -> list[int] | None:
+        """Bytes of each choice with its leading space, for multiple-choice sets (lm-eval's acc_norm); None otherwise."""
+        return [len(f" {c}".encode("utf-8")) for c in choices] if self.dataset.multiple_choice else None
+
+    def inputs(self, demos: list[tuple[dict, int]], example: Example) -> tuple[list[int], list[list[int]], list[int] | None, int]:
+        """What one query's scoring reads: context, continuations, norms, demonstrations kept."""
+        choices = self.dataset.choices(example)
+        ctx, conts, kept = self.fitted(demos, example.fields, choices)
+        return ctx, conts, self.norms(choices), kept
 
     @torch.no_grad()
     def embed(self, fields: dict) -> torch.Tensor:
@@ -238,11 +259,11 @@ class ICLRunner:
         out = self.model(input_ids=torch.tensor([ids], device=self.device), output_hidden_states=True, use_cache=False)
         return out.hidden_states[-1][0].float().mean(0).cpu()
 
-    def predict(self, demos: list[tuple[dict, int]], query: dict) -> tuple[int, torch.Tensor, float]:
-        ctx, conts, kept = self.fitted(demos, query)
+    def predict(self, demos: list[tuple[dict, int]], query: Example) -> tuple[int, torch.Tensor, float]:
+        ctx, conts, norms, kept = self.inputs(demos, query)
         if kept < len(demos):
             self.truncated += 1
-        logprobs = self.label_logprobs(ctx, conts)
+        logprobs = self.label_logprobs(ctx, conts, norms)
         p = torch.softmax(logprobs.double(), 0)
         entropy = float(-(p * p.clamp_min(1e-300).log()).sum() / math.log(len(p))) if len(p) > 1 else 0.0
         return int(torch.argmax(logprobs)), logprobs, entropy
@@ -251,36 +272,55 @@ class ICLRunner:
 
     def run(self, queries: list[Example], order: list[int], config: ICLConfig, seed: int = 0,
             train: list[Example] | None = None, progress: Callable[[int], None] | None = None,
-            cancel: Callable[[], bool] | None = None, memory: Memory | None = None) -> list[Prediction]:
-        """Predict every query in ``order`` (positions into ``queries``); DAIL fills ``memory`` as it goes."""
+            cancel: Callable[[], bool] | None = None, memory: Memory | None = None, adapter=None) -> list[Prediction]:
+        """Predict every query in ``order`` (positions into ``queries``); DAIL fills ``memory`` as it goes.
+
+        With an ``adapter`` (:class:`workbench.evaluation.tta.Adapter`), each
+        batch of queries is first adapted on (the prompts as they stand at the
+        batch's start), then predicted exactly as without one.
+        """
         config.check()
         if config.mode == "fewshot" and not train:
             raise UserError(f"few-shot needs the train split of {self.dataset.title}", "use icl_modes zeroshot or dail")
         memory = memory if memory is not None else Memory(config.memory)
+        batch = adapter.config.batch if adapter is not None else 0
         out: list[Prediction] = []
         for step, pos in enumerate(order):
             if cancel is not None and step % 16 == 0 and cancel():
                 raise Cancelled("in-context learning evaluation cancelled", "the metrics so far are kept in the run history")
+            if batch and step % batch == 0:
+                adapter.adapt([self._scorer(p, queries[p], config, memory, seed, train) for p in order[step:step + batch]])
             query = queries[pos]
             embedding = self.embed(query.fields) if config.mode == "dail" and config.retriever == "hidden" else None
-            demo_ids: list[int] = []
-            demos: list[tuple[dict, int]] = []
-            if config.mode == "dail":
-                chosen = self.retrieve(memory, query, embedding, config)
-                demo_ids = [m.position for m in chosen]
-                demos = [(m.fields, m.label) for m in chosen]
-            elif config.mode == "fewshot":
-                rng = random.Random(seed * 1_000_003 + pos)
-                picks = rng.sample(range(len(train)), min(config.k, len(train)))
-                demo_ids = picks
-                demos = [(train[i].fields, train[i].label) for i in picks]
-            label, logprobs, entropy = self.predict(demos, query.fields)
+            demo_ids, demos = self.demonstrations(pos, query, embedding, config, memory, seed, train)
+            label, logprobs, entropy = self.predict(demos, query)
             if config.mode == "dail":
                 memory.add(MemoryItem(pos, query.fields, query.text(), label, entropy, embedding))
             out.append(Prediction(pos, label, query.label, logprobs.tolist(), demo_ids, len(memory)))
+            if batch and (step % batch == batch - 1 or step == len(order) - 1):
+                adapter.end_batch()
             if progress is not None:
                 progress(step + 1)
         return out
+
+    def demonstrations(self, pos: int, query: Example, embedding: torch.Tensor | None, config: ICLConfig, memory: Memory,
+                       seed: int, train: list[Example] | None) -> tuple[list[int], list[tuple[dict, int]]]:
+        """The query's demonstrations (their positions, and (fields, label) pairs in prompt order) for the mode."""
+        if config.mode == "dail":
+            chosen = self.retrieve(memory, query, embedding, config)
+            return [m.position for m in chosen], [(m.fields, m.label) for m in chosen]
+        if config.mode == "fewshot":
+            picks = random.Random(seed * 1_000_003 + pos).sample(range(len(train)), min(config.k, len(train)))
+            return picks, [(train[i].fields, train[i].label) for i in picks]
+        return [], []
+
+    def _scorer(self, pos: int, query: Example, config: ICLConfig, memory: Memory, seed: int,
+                train: list[Example] | None) -> Callable[[], torch.Tensor]:
+        """A function computing the query's scores with gradients, on the prompt the plain evaluation would build now."""
+        embedding = self.embed(query.fields) if config.mode == "dail" and config.retriever == "hidden" else None
+        _, demos = self.demonstrations(pos, query, embedding, config, memory, seed, train)
+        ctx, conts, norms, _ = self.inputs(demos, query)
+        return lambda: self.scores(ctx, conts, norms)
 
     def retrieve(self, memory: Memory, query: Example, embedding: torch.Tensor | None, config: ICLConfig) -> list[MemoryItem]:
         """The K most relevant eligible memory items, least relevant first (the most relevant ends next to the query)."""
@@ -304,46 +344,82 @@ def accuracy(predictions: list[Prediction]) -> float:
 def evaluate_dataset(model, tokenizer, name: str, configs: list[ICLConfig], seeds: int = 3, limit: int | None = None,
                      labels: tuple[str, ...] | list[str] = (), template: str = "", context_length: int | None = None,
                      progress: Callable[[str, int, int], None] | None = None,
-                     cancel: Callable[[], bool] | None = None) -> list[dict]:
-    """One data set in each mode of ``configs``: accuracy mean and std over ``seeds`` orders; one dict per mode.
+                     cancel: Callable[[], bool] | None = None, adaptations: list | None = None) -> list[dict]:
+    """One data set in each mode of ``configs`` (and each test-time adaptation): accuracy mean and std over ``seeds``.
 
-    Zero-shot does not depend on the order, so it runs once.
+    ``name`` may carry shifts (``sst2@typo:0.15``, :mod:`workbench.evaluation.shifts`):
+    the test queries are perturbed anew for each seed (the seed also orders
+    the queries and draws PCL's perturbations). ``adaptations`` are
+    :class:`workbench.evaluation.tta.TTAConfig` (default: none). Zero-shot
+    without shift or adaptation does not depend on the seed, so it runs once.
+    Each result records the seconds per query, and its ratio to the plain
+    evaluation of the same mode when that ran too.
     """
-    dataset = get_dataset(name, labels, template)
+    from . import shifts as shifting
+    from .tta import Adapter, TTAConfig
+
+    base, shifts = shifting.parse_set_name(name)
+    dataset = get_dataset(base, labels, template)
+    adaptations = sorted(adaptations or [TTAConfig()], key=lambda t: t.mode != "none")  # the plain timing first
     for config in configs:
         config.check()
-    examples = read_examples(dataset, "test")
-    positions = query_subset(len(examples), limit)
+        if dataset.multiple_choice and config.mode != "zeroshot":
+            raise UserError(f"{dataset.title} is multiple choice: each query has its own candidates, so there are no "
+                            f"label words to put in {config.mode} demonstrations", "use icl_modes = [\"zeroshot\"] for it")
+    clean = read_examples(dataset, "test")
+    positions = query_subset(len(clean), limit)
     train = read_examples(dataset, "train") if any(c.mode == "fewshot" for c in configs) else None
     runner = ICLRunner(model, tokenizer, dataset, context_length)
-    total = sum(len(positions) * (1 if c.mode == "zeroshot" else seeds) for c in configs)
+
+    def runs(config, tta) -> int:
+        fixed = config.mode == "zeroshot" and not shifts and (tta.mode == "none" or (tta.mode == "tent" and tta.episodic))
+        return 1 if fixed else seeds
+
+    total = sum(len(positions) * runs(c, t) for c in configs for t in adaptations)
     done = 0
     results = []
     for config in configs:
-        runner.truncated = 0
-        accs = []
-        for seed in range(1 if config.mode == "zeroshot" else seeds):
-            order = list(positions)
-            random.Random(seed).shuffle(order)
+        plain_time = None
+        for tta in adaptations:
+            runner.truncated = 0
+            accs, seconds, steps = [], 0.0, 0
+            label = f"{name}/{config.mode}" + ("" if tta.mode == "none" else f"+{tta.mode}")
+            for seed in range(runs(config, tta)):
+                examples = shifting.shift_examples(clean, shifts, seed) if shifts else clean
+                order = list(positions)
+                random.Random(seed).shuffle(order)
 
-            def step(n, base=done):
-                if progress is not None:
-                    progress(f"{name}/{config.mode}", base + n, total)
+                def step(n, base=done):
+                    if progress is not None:
+                        progress(label, base + n, total)
 
-            preds = runner.run(examples, order, config, seed, train, step, cancel)
-            done += len(order)
-            accs.append(accuracy(preds))
-        results.append({
-            "name": "icl_acc", "dataset": f"{name}/{config.mode}", "value": statistics.fmean(accs),
-            "stderr": None, "samples": len(positions), "limit": limit,
-            "extra": {"kind": "icl", "mode": config.mode, "std": statistics.pstdev(accs) if len(accs) > 1 else None,
-                      "accuracies": accs, "seeds": len(accs), "k": config.k if config.mode != "zeroshot" else 0,
-                      "memory": config.memory if config.mode == "dail" else None,
-                      "retriever": config.retriever if config.mode == "dail" else None,
-                      "max_entropy": config.max_entropy if config.mode == "dail" else None,
-                      "labels": list(dataset.label_words), "template": dataset.template,
-                      "truncated_prompts": runner.truncated},
-        })
+                started = time.perf_counter()
+                if tta.mode == "none":
+                    preds = runner.run(examples, order, config, seed, train, step, cancel)
+                else:
+                    with Adapter(model, tta, seed) as adapter:
+                        preds = runner.run(examples, order, config, seed, train, step, cancel, adapter=adapter)
+                        steps += adapter.steps_taken
+                seconds += time.perf_counter() - started
+                done += len(order)
+                accs.append(accuracy(preds))
+            per_query = seconds / (len(positions) * len(accs))
+            if tta.mode == "none":
+                plain_time = per_query
+            extra = {"kind": "icl", "mode": config.mode, "std": statistics.pstdev(accs) if len(accs) > 1 else None,
+                     "accuracies": accs, "seeds": len(accs), "k": config.k if config.mode != "zeroshot" else 0,
+                     "memory": config.memory if config.mode == "dail" else None,
+                     "retriever": config.retriever if config.mode == "dail" else None,
+                     "max_entropy": config.max_entropy if config.mode == "dail" else None,
+                     "labels": list(dataset.label_words), "template": dataset.template,
+                     "truncated_prompts": runner.truncated, "set": base, "shift": "+".join(s.name for s in shifts) or None,
+                     "tta": tta.mode, "seconds_per_query": per_query,
+                     "time_ratio": per_query / plain_time if plain_time else None}
+            if tta.mode != "none":
+                extra["tta_settings"] = {k: v for k, v in asdict(tta).items() if k != "mode"}
+                extra["tta_steps_taken"] = steps
+            results.append({"name": "icl_acc", "dataset": label, "value": statistics.fmean(accs), "stderr": None,
+                            "samples": len(positions), "limit": limit, "extra": extra})
     return results
 
 
@@ -351,3 +427,13 @@ def configs_from_spec(e) -> list[ICLConfig]:
     """One ICLConfig per mode of an EvalSpec's ``icl_*`` settings."""
     return [ICLConfig(mode=m, k=e.icl_k, memory=e.icl_memory, retriever=e.icl_retriever, max_entropy=e.icl_max_entropy)
             for m in e.icl_modes]
+
+
+def adaptations_from_spec(e) -> list:
+    """One TTAConfig per mode of an EvalSpec's ``tta``, with its ``tta_*`` and ``pcl_*`` settings."""
+    from .tta import TTAConfig
+
+    return [TTAConfig(mode=m, steps=e.tta_steps, lr=e.tta_lr, batch=e.tta_batch, episodic=e.tta_episodic, params=e.tta_params,
+                      lora_rank=e.tta_lora_rank, lora_targets=list(e.tta_lora_targets), where=e.pcl_where, how=e.pcl_how,
+                      strength=e.pcl_strength, ce=e.pcl_ce)
+            for m in (e.tta or ["none"])]

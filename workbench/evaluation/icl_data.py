@@ -39,10 +39,15 @@ class DataSet:
     label_words: tuple[str, ...]
     test: str  # file under DATA (or a path, for file: data sets)
     train: str | None = None  # few-shot demonstrations are drawn from here
-    reader: str = "harvardnlp"  # harvardnlp | superglue | agnews | jsonl
+    reader: str = "harvardnlp"  # harvardnlp | superglue | agnews | jsonl | books (built by book_task)
     labels: tuple[str, ...] = ()  # the file's label names by index, where the file writes names
     encoding: str = "utf-8"
     fields: tuple[str, ...] = field(default=("text",))
+    multiple_choice: bool = False  # each example has its own choices (scored per byte); no label words
+
+    def choices(self, example: Example) -> tuple[str, ...]:
+        """What is scored after the prompt for this example: its own choices, or the set's label words."""
+        return example.choices if self.multiple_choice else self.label_words
 
 
 _SENTIMENT = "Review: {text}\nSentiment:"
@@ -67,6 +72,9 @@ DATASETS: dict[str, DataSet] = {d.name: d for d in (
             fields=("premise", "hypothesis")),
     DataSet("cb", "CB", _NLI, ("true", "false", "neither"), "cb-val.jsonl.gz", "cb-train.jsonl.gz",
             reader="superglue", labels=("entailment", "contradiction", "neutral"), fields=("premise", "hypothesis")),
+    # the true next sentence of a passage of the held-out books among four (workbench.evaluation.book_task)
+    DataSet("books-next", "Books next sentence", "{context}", (), "books-eval.txt", reader="books",
+            fields=("context",), multiple_choice=True),
 )}
 
 
@@ -74,6 +82,7 @@ DATASETS: dict[str, DataSet] = {d.name: d for d in (
 class Example:
     fields: dict
     label: int  # the gold label's index; the DAIL memory never sees it
+    choices: tuple[str, ...] = ()  # a multiple-choice example's own candidates (label indexes them)
 
     def text(self) -> str:
         """The example's text as retrieval sees it (every field, in order)."""
@@ -129,6 +138,10 @@ def read_examples(ds: DataSet, split: str = "test") -> list[Example]:
         raise UserError(f"{ds.title} has no train split for few-shot demonstrations",
                         f"use icl_modes zeroshot or dail for {ds.name}; few-shot needs one of: "
                         f"{', '.join(n for n, d in DATASETS.items() if d.train)}")
+    if ds.reader == "books":
+        from .book_task import items
+
+        return [Example({"context": it["context"]}, it["label"], tuple(it["choices"])) for it in items()]
     path = Path(name).expanduser() if ds.reader == "jsonl" else DATA / name
     text = _open(path, ds.encoding)
     out: list[Example] = []
@@ -182,7 +195,14 @@ def check_icl_settings(e, where: str = "evaluate") -> None:
             raise UserError(f"{where}.icl_modes: {mode!r} is not a mode", f"allowed: {', '.join(MODES)}")
     if e.icl and not e.icl_modes:
         raise UserError(f"{where}.icl_modes is empty", f"pick one or more of: {', '.join(MODES)}")
-    for name in e.icl:
+    from .shifts import parse_set_name
+
+    for shifted in e.icl:
+        name, _ = parse_set_name(shifted, f"{where}.icl")
+        if name in DATASETS and DATASETS[name].multiple_choice and set(e.icl_modes) - {"zeroshot"}:
+            raise UserError(f"{where}.icl: {name} is multiple choice (each query has its own candidates), so it has no "
+                            f"label words for {' or '.join(sorted(set(e.icl_modes) - {'zeroshot'}))} demonstrations",
+                            f'use {where}.icl_modes = ["zeroshot"] with it')
         if name.startswith("file:"):
             if len(name) == len("file:"):
                 raise UserError(f"{where}.icl: 'file:' needs a path", "write file:PATH.jsonl")
@@ -213,6 +233,22 @@ def check_icl_settings(e, where: str = "evaluate") -> None:
         raise UserError(f"{where}.icl_seeds = {e.icl_seeds} must be at least 1", "3 to 5 orders give a standard deviation")
     if e.icl_limit is not None and e.icl_limit < 1:
         raise UserError(f"{where}.icl_limit = {e.icl_limit} must be at least 1", "leave it out to use every test query")
+    check_tta_settings(e, where)
+
+
+def check_tta_settings(e, where: str = "evaluate") -> None:
+    """The ``tta`` and ``pcl_*`` settings: modes and ranges, and something to adapt on."""
+    from .tta_settings import TTAConfig, check
+
+    modes = list(e.tta) or ["none"]
+    for mode in modes:
+        check(TTAConfig(mode=mode, steps=e.tta_steps, lr=e.tta_lr, batch=e.tta_batch, episodic=e.tta_episodic,
+                        params=e.tta_params, lora_rank=e.tta_lora_rank, lora_targets=list(e.tta_lora_targets),
+                        where=e.pcl_where, how=e.pcl_how, strength=e.pcl_strength, ce=e.pcl_ce), where)
+    if set(modes) - {"none"} and not e.icl:
+        what = "zero-shot tasks through lm-eval" if e.zeroshot else "perplexity" if e.perplexity else "nothing"
+        raise UserError(f"{where}.tta = {modes} adapts on classification sets, but this evaluation has none ({what})",
+                        f'add {where}.icl = ["books-next"] (with icl_modes = ["zeroshot"]), or set {where}.tta = ["none"]')
 
 
 def check_k_memory(k: int, memory: int, k_key: str = "k", memory_key: str = "memory") -> None:

@@ -31,6 +31,7 @@ class Prepared:
 def prepare(e) -> Prepared:
     """Load what the evaluations read, so bad input is reported before the model is run."""
     from .icl_data import get_dataset, read_examples
+    from .shifts import parse_set_name
 
     tasks = None
     if e.zeroshot:
@@ -38,7 +39,7 @@ def prepare(e) -> Prepared:
 
         tasks = load_tasks(list(e.zeroshot))
     for name in e.icl:
-        dataset = get_dataset(name, e.icl_labels, e.icl_template)
+        dataset = get_dataset(parse_set_name(name)[0], e.icl_labels, e.icl_template)
         read_examples(dataset, "test")
         if "fewshot" in e.icl_modes:
             read_examples(dataset, "train")
@@ -82,15 +83,20 @@ def _zeroshot(run, phase: str, prepared: Prepared) -> None:
 
 
 def _icl(run, phase: str) -> None:
-    from .icl import configs_from_spec, evaluate_dataset
+    from .icl import adaptations_from_spec, configs_from_spec, evaluate_dataset
 
     e = run.spec.evaluate
     stage = f"icl:{phase}"
-    with run.stage(stage, f"In-context learning ({phase_label(phase)}): {', '.join(e.icl)} x {', '.join(e.icl_modes)}"):
+    adapting = [m for m in e.tta if m != "none"]
+    title = f"In-context learning ({phase_label(phase)}): {', '.join(e.icl)} x {', '.join(e.icl_modes)}"
+    if adapting:
+        title += f", test-time adaptation: {', '.join(e.tta)}"
+    with run.stage(stage, title):
         for name in e.icl:
             results = evaluate_dataset(run.loaded.model, run.loaded.tokenizer, name, configs_from_spec(e), seeds=e.icl_seeds,
                                        limit=e.icl_limit, labels=e.icl_labels, template=e.icl_template,
-                                       context_length=run.context_seqlen(), progress=_progress(run, stage), cancel=run.cancel)
+                                       context_length=run.context_seqlen(), progress=_progress(run, stage), cancel=run.cancel,
+                                       adaptations=adaptations_from_spec(e))
             _record(run, phase, results)
 
 

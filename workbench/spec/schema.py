@@ -77,6 +77,19 @@ class EvalSpec:
     icl_limit: int | None = None  # a fixed random subset of N test queries per data set
     icl_labels: list[str] = field(default_factory=list)  # label words of a file: data set, by label index
     icl_template: str = ""  # prompt of a file: data set, e.g. "Review: {text}\nSentiment:"
+    # test-time adaptation of the icl evaluations (workbench.evaluation.tta); a set named NAME@typo:0.15 is shifted
+    tta: list[str] = field(default_factory=lambda: ["none"])  # none, tent, pcl: each is evaluated
+    tta_steps: int = 1  # optimizer (Adam) steps per test batch
+    tta_lr: float = 1e-3
+    tta_batch: int = 4  # queries per test batch
+    tta_episodic: bool = True  # put the parameters back after every batch (false: keep adapting through the stream)
+    tta_params: str = "norms"  # norms (normalization weights) | lora (adapters on tta_lora_targets)
+    tta_lora_rank: int = 4
+    tta_lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    pcl_where: str = "layers"  # layers (every decoder layer's input) | layer:N (after layer N) | embeddings
+    pcl_how: str = "dropout"  # dropout (random mask at rate pcl_strength) | gaussian (noise of pcl_strength x RMS)
+    pcl_strength: float = 0.1
+    pcl_ce: float = 0.0  # weight of the clean prediction's cross-entropy as a pseudo-label
     efficiency: bool = False  # parameters, size, prefill tokens/s, decode latency, peak memory
 
 
