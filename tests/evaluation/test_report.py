@@ -77,6 +77,27 @@ def test_table_shows_values_and_deltas_against_the_baseline(runs):
     assert rows["zero-shot mean acc"] == [f"{mean_before:.4f}", f"{mean_after:.4f} (-{mean_before - mean_after:.4f})"]
 
 
+def test_robustness_rows_sit_beside_their_clean_rows_with_the_time_ratio():
+    def acc(dataset, value, tta="none", ratio=None, shift=None):
+        return _metric("icl_acc", dataset, value, "before", "icl", std=0.01, tta=tta, time_ratio=ratio, shift=shift)
+
+    with History() as h:
+        _record(h, "r5-robust", "dense", [], [
+            acc("books-next/zeroshot", 0.36, ratio=1.0), acc("books-next/zeroshot+pcl", 0.37, "pcl", 3.25),
+            acc("books-next@typo:0.3/zeroshot", 0.33, ratio=1.0, shift="typo:0.3"),
+            acc("books-next@typo:0.3/zeroshot+tent", 0.34, "tent", 2.5, shift="typo:0.3"),
+        ])
+        runs = [(h.get("r5-robust"), h.metrics("r5-robust"))]
+    header, body = report.table_cells(report.columns(runs))
+    labels = [r[0] for r in body]
+    assert labels[:6] == ["ICL books-next/zeroshot acc", "ICL books-next/zeroshot+pcl acc", "ICL books-next/zeroshot+pcl time x plain",
+                          "ICL books-next@typo:0.3/zeroshot acc", "ICL books-next@typo:0.3/zeroshot+tent acc",
+                          "ICL books-next@typo:0.3/zeroshot+tent time x plain"]
+    rows = {r[0]: r[1] for r in body}
+    assert rows["ICL books-next/zeroshot+pcl time x plain"] == "3.2500"
+    assert rows["ICL books-next@typo:0.3/zeroshot+tent acc"] == "0.3400 ±0.0100"
+
+
 def test_charts_are_plain_text(runs):
     text = report.charts_text(report.columns(runs))
     assert "\x1b" not in text
@@ -144,6 +165,12 @@ def test_evaluations_of_a_run_land_in_its_history(one_thread, tmp_path, capsys):
     (["eval", "--model", "demo", "--icl", "sst2", "--icl-mode", "fewshot", "--icl-limit", "2", "--set", "evaluate.icl=['mr']"],
      ["mr has no train split"]),
     (["eval"], ["either a run id or --model"]),
+    (["eval", "--model", "demo", "--icl", "books-next@blur:0.1", "--icl-mode", "zeroshot"], ["unknown shift 'blur'"]),
+    (["eval", "--model", "demo", "--icl", "books-next@typo:1.5", "--icl-mode", "zeroshot"], ["'1.5'", "outside [0, 1]"]),
+    (["eval", "--model", "demo", "--perplexity", "wikitext2", "--tta", "pcl"], ["adapts on classification sets", "perplexity"]),
+    (["eval", "--model", "demo", "--icl", "books-next", "--icl-mode", "zeroshot", "--tta", "tent", "--set", "evaluate.tta_steps=-1"],
+     ["tta_steps = -1"]),
+    (["eval", "--model", "demo", "--icl", "books-next", "--tta", "pcl"], ["multiple choice", "icl_modes"]),
 ])
 def test_bad_evaluation_requests(argv, words, capsys):
     assert main(argv) == 2

@@ -31,7 +31,9 @@ def register(sub) -> dict:
                     help="bundled tasks (boolq piqa winogrande arc_easy arc_challenge openbookqa copa siqa "
                          "lambada_openai), lm_eval:NAME or file:TASK.yaml")
     ev.add_argument("--limit", type=int, metavar="N", help="the first N samples of each zero-shot task")
-    ev.add_argument("--icl", nargs="+", metavar="SET", help="sst2 sst5 mr cr subj trec agnews rte cb, or file:PATH.jsonl")
+    ev.add_argument("--icl", nargs="+", metavar="SET",
+                    help="sst2 sst5 mr cr subj trec agnews rte cb books-next, or file:PATH.jsonl; "
+                         "NAME@typo:0.15 (shifts typo, words, case, space, joined by +) evaluates a shifted copy")
     ev.add_argument("--icl-mode", nargs="+", metavar="MODE", help="zeroshot fewshot dail (default: dail)")
     ev.add_argument("--k", type=int, help="demonstrations per query (default 4)")
     ev.add_argument("--memory", type=int, help="DAIL memory size M (default 32)")
@@ -39,6 +41,8 @@ def register(sub) -> dict:
     ev.add_argument("--max-entropy", type=float, help="DAIL: only predictions at most this uncertain (0..1) are demonstrations")
     ev.add_argument("--seeds", type=int, help="query orders for the ICL mean and std (default 3)")
     ev.add_argument("--icl-limit", type=int, metavar="N", help="a fixed random subset of N test queries per ICL set")
+    ev.add_argument("--tta", nargs="+", metavar="MODE",
+                    help="test-time adaptation of the ICL sets: none tent pcl, each evaluated (tta_* and pcl_* settings via --set)")
     ev.add_argument("--efficiency", action="store_true", help="parameters, size, prefill and decode speed, peak memory")
     ev.add_argument("--perplexity", nargs="+", metavar="SET", help="wikitext2, c4 or file:PATH")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -66,7 +70,7 @@ def _evaluate_settings(args) -> dict:
     flags = {"zeroshot": args.zeroshot, "zeroshot_limit": args.limit, "icl": args.icl, "icl_modes": args.icl_mode,
              "icl_k": args.k, "icl_memory": args.memory, "icl_retriever": args.retriever,
              "icl_max_entropy": args.max_entropy, "icl_seeds": args.seeds, "icl_limit": args.icl_limit,
-             "perplexity": args.perplexity or []}
+             "tta": args.tta, "perplexity": args.perplexity or []}
     settings = {k: v for k, v in flags.items() if v is not None}
     if args.efficiency:
         settings["efficiency"] = True

@@ -100,12 +100,19 @@ def _kind(metric: dict | None) -> str:
     return (metric.get("extra") or {}).get("kind") or ("perplexity" if metric.get("name") == "perplexity" else "other")
 
 
+def _adapted(metric: dict | None) -> bool:
+    """An ICL accuracy measured with test-time adaptation (its row has a time-ratio row beside it)."""
+    return (((metric or {}).get("extra") or {}).get("tta") or "none") != "none"
+
+
 def row_label(key: tuple, metric: dict | None = None) -> str:
     name, dataset = key
     if _kind(metric) == "perplexity":
         return f"perplexity {dataset}"
     if name == "icl_acc":
         return f"ICL {dataset} acc"
+    if name == "tta_time_ratio":
+        return f"ICL {dataset} time x plain"
     if name in EFFICIENCY_LABELS:
         return EFFICIENCY_LABELS[name] if dataset == "model" else f"{EFFICIENCY_LABELS[name]} ({dataset})"
     return f"{dataset} {name}"
@@ -116,6 +123,12 @@ def rows(cols: list[Column]) -> list[Row]:
     for key in {k for c in cols for k in c.metrics}:
         cells = [c.metrics.get(key) for c in cols]
         out.append(Row(key, row_label(key, next(m for m in cells if m is not None)), cells))
+        if key[0] == "icl_acc" and any(_adapted(m) for m in cells):  # what the adaptation costs per query
+            ratios = [None if m is None or m["extra"].get("time_ratio") is None else
+                      {"name": "tta_time_ratio", "dataset": key[1], "value": m["extra"]["time_ratio"], "extra": {"kind": "icl"}}
+                      for m in cells]
+            if any(r is not None for r in ratios):
+                out.append(Row(("tta_time_ratio", key[1]), row_label(("tta_time_ratio", key[1])), ratios))
     out.sort(key=_sort_key)
     accs = [_mean_accuracy(c) for c in cols]
     if any(a is not None for a in accs):
