@@ -18,7 +18,7 @@ _WHERE = re.compile(r"^(layers|embeddings|layer:-?\d+)$")
 class TTAConfig:
     mode: str = "none"
     steps: int = 1
-    lr: float = 1e-3
+    lr: float = 1e-2  # Adam; one step per batch of four moves the norms enough to change predictions
     batch: int = 4  # queries per test batch
     episodic: bool = True
     params: str = "norms"
@@ -37,7 +37,7 @@ def check(config: TTAConfig, where: str = "evaluate") -> None:
     if config.steps < 0:
         raise UserError(f"{where}.tta_steps = {config.steps} must be 0 or more", "1 step per test batch is the usual setting")
     if not (config.lr >= 0 and math.isfinite(config.lr)):
-        raise UserError(f"{where}.tta_lr = {config.lr} must be a finite number >= 0", "try 1e-3 (Adam)")
+        raise UserError(f"{where}.tta_lr = {config.lr} must be a finite number >= 0", "try 1e-2 (Adam)")
     if config.batch < 1:
         raise UserError(f"{where}.tta_batch = {config.batch} must be at least 1", "4 queries per test batch is the default")
     if config.params not in PARAMS:

@@ -80,7 +80,7 @@ class EvalSpec:
     # test-time adaptation of the icl evaluations (workbench.evaluation.tta); a set named NAME@typo:0.15 is shifted
     tta: list[str] = field(default_factory=lambda: ["none"])  # none, tent, pcl: each is evaluated
     tta_steps: int = 1  # optimizer (Adam) steps per test batch
-    tta_lr: float = 1e-3
+    tta_lr: float = 1e-2  # Adam
     tta_batch: int = 4  # queries per test batch
     tta_episodic: bool = True  # put the parameters back after every batch (false: keep adapting through the stream)
     tta_params: str = "norms"  # norms (normalization weights) | lora (adapters on tta_lora_targets)
