@@ -102,6 +102,31 @@ def test_episodic_puts_the_parameters_back_after_each_batch_and_the_model_is_unc
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
 
 
+def test_adaptation_works_inside_the_engines_no_grad(tiny, books):
+    model, tokenizer = tiny
+    runner = icl.ICLRunner(model, tokenizer, DATASETS["books-next"])
+    with torch.no_grad(), Adapter(model, TTAConfig("pcl", lr=0.05, episodic=False), seed=0) as adapter:
+        saved = [p.detach().clone() for p in adapter.params]
+        runner.run(books, list(range(len(books))), icl.ICLConfig(mode="zeroshot"), adapter=adapter)
+        assert adapter.steps_taken == 2
+        assert any(not torch.equal(p, s) for p, s in zip(adapter.params, saved))
+
+
+@pytest.mark.slow
+def test_eval_command_adapts_the_demo_model_end_to_end(capsys):
+    import json
+
+    from workbench.cli import main
+
+    argv = ["eval", "--model", "demo", "--icl", "books-next@typo:0.2", "--icl-mode", "zeroshot", "--tta", "none", "pcl",
+            "--icl-limit", "4", "--seeds", "1", "--json", "--quiet"]
+    assert main(argv) == 0
+    metrics = {m["dataset"]: m for m in json.loads(capsys.readouterr().out)["metrics"]}
+    adapted = metrics["books-next@typo:0.2/zeroshot+pcl"]
+    assert adapted["extra"]["tta_steps_taken"] == 1 and adapted["extra"]["shift"] == "typo:0.2"
+    assert adapted["extra"]["time_ratio"] > 0 and "books-next@typo:0.2/zeroshot" in metrics
+
+
 def test_the_model_is_put_back_when_the_evaluation_fails(tiny, books):
     model, tokenizer = tiny
     before = _state(model)

@@ -245,14 +245,18 @@ class Adapter:
         losses = []
         if self.config.mode == "none" or not queries:
             return losses
-        for _ in range(self.config.steps):
-            self._optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for score in queries:
-                loss = self.loss(score) / len(queries)
-                loss.backward()
-                total += float(loss.detach())
-            self._optimizer.step()
-            self.steps_taken += 1
-            losses.append(total)
+        with torch.enable_grad():  # the engine evaluates under no_grad
+            for _ in range(self.config.steps):
+                losses.append(self._step(queries))
         return losses
+
+    def _step(self, queries: list[Callable[[], torch.Tensor]]) -> float:
+        self._optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for score in queries:
+            loss = self.loss(score) / len(queries)
+            loss.backward()
+            total += float(loss.detach())
+        self._optimizer.step()
+        self.steps_taken += 1
+        return total
