@@ -238,3 +238,54 @@ def test_bad_settings_are_refused_with_their_name(settings, words):
     with pytest.raises(UserError) as err:
         tta.check(TTAConfig(**settings))
     assert all(w in str(err.value) for w in words), str(err.value)
+
+
+# ----------------------------------------------------------------------------- zero-shot tasks through lm-eval
+
+
+@pytest.fixture(scope="module")
+def mine(tmp_path_factory):
+    """A multiple-choice lm-eval task of our own (three or two choices per document), offline."""
+    import json
+
+    folder = tmp_path_factory.mktemp("task")
+    docs = [{"q": f"The sky number {i} is", "options": ["blue", "green", "loud"], "gold": i % 3} for i in range(6)]
+    docs += [{"q": "Two plus two is", "options": ["four", "five"], "gold": 0}]
+    (folder / "mine.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "mine.yaml").write_text(f"task: mine_tta\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'mine.jsonl'}\n"
+                                      "output_type: multiple_choice\ntest_split: test\ndoc_to_text: \"Q: {{q}}\\nA:\"\n"
+                                      "doc_to_choice: options\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n")
+    return f"file:{folder / 'mine.yaml'}"
+
+
+def test_zero_shot_tasks_adapt_and_at_learning_rate_zero_score_as_plain_lm_eval(tiny, mine):
+    from workbench.evaluation import zeroshot
+
+    model, tokenizer = tiny
+    before = _state(model)
+    plain, *adapted = zeroshot.evaluate_tasks(model, tokenizer, [mine], batch_size=2,
+                                              adaptations=[TTAConfig("tent", lr=0.0, batch=3), TTAConfig("none"),
+                                                           TTAConfig("pcl", lr=0.0, batch=3)])
+    assert plain["dataset"] == mine and [a["dataset"] for a in adapted] == [f"{mine}+tent", f"{mine}+pcl"]
+    for a in adapted:
+        assert a["value"] == plain["value"] and a["stderr"] == plain["stderr"]
+        assert a["extra"]["tta_steps_taken"] == 3  # seven documents in batches of three
+        assert a["extra"]["time_ratio"] > 0
+    [moved] = zeroshot.evaluate_tasks(model, tokenizer, [mine], adaptations=[TTAConfig("tent", lr=0.5, batch=1, episodic=False)])
+    assert moved["extra"]["tta_steps_taken"] == 7
+    assert _same(before, _state(model))
+
+
+def test_choice_scores_equal_lm_evals_log_likelihoods(tiny):
+    from lm_eval.api.instance import Instance
+
+    from workbench.evaluation import zeroshot
+
+    model, tokenizer = tiny
+    lm = zeroshot._in_memory_lm(model, tokenizer, 2, None, None)
+    pairs = [("Q: The sky is\nA:", " blue"), ("Q: The sky is\nA:", " a long green colour"), ("Two words", " and more")]
+    requests = [Instance("loglikelihood", {}, p, i, ("t", 0, 1)) for i, p in enumerate(pairs)]
+    expected = [ll for ll, _ in lm.loglikelihood(requests)]
+    with torch.no_grad():
+        got = lm.choice_scores(pairs).tolist()
+    assert got == pytest.approx(expected, abs=1e-4)

@@ -245,10 +245,12 @@ def check_tta_settings(e, where: str = "evaluate") -> None:
         check(TTAConfig(mode=mode, steps=e.tta_steps, lr=e.tta_lr, batch=e.tta_batch, episodic=e.tta_episodic,
                         params=e.tta_params, lora_rank=e.tta_lora_rank, lora_targets=list(e.tta_lora_targets),
                         where=e.pcl_where, how=e.pcl_how, strength=e.pcl_strength, ce=e.pcl_ce), where)
-    if set(modes) - {"none"} and not e.icl:
-        what = "zero-shot tasks through lm-eval" if e.zeroshot else "perplexity" if e.perplexity else "nothing"
-        raise UserError(f"{where}.tta = {modes} adapts on classification sets, but this evaluation has none ({what})",
-                        f'add {where}.icl = ["books-next"] (with icl_modes = ["zeroshot"]), or set {where}.tta = ["none"]')
+    if set(modes) - {"none"} and not (e.icl or e.zeroshot):
+        what = "perplexity only" if e.perplexity else "nothing else"
+        raise UserError(f"{where}.tta = {modes} adapts on classification sets or multiple-choice tasks, but this evaluation "
+                        f"has none ({what})",
+                        f'add {where}.icl = ["books-next"] (with icl_modes = ["zeroshot"]) or {where}.zeroshot = ["piqa"], '
+                        f'or set {where}.tta = ["none"]')
 
 
 def check_k_memory(k: int, memory: int, k_key: str = "k", memory_key: str = "memory") -> None:

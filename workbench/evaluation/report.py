@@ -112,7 +112,7 @@ def row_label(key: tuple, metric: dict | None = None) -> str:
     if name == "icl_acc":
         return f"ICL {dataset} acc"
     if name == "tta_time_ratio":
-        return f"ICL {dataset} time x plain"
+        return f"ICL {dataset} time x plain" if _kind(metric) == "icl" else f"{dataset} time x plain"
     if name in EFFICIENCY_LABELS:
         return EFFICIENCY_LABELS[name] if dataset == "model" else f"{EFFICIENCY_LABELS[name]} ({dataset})"
     return f"{dataset} {name}"
@@ -123,12 +123,13 @@ def rows(cols: list[Column]) -> list[Row]:
     for key in {k for c in cols for k in c.metrics}:
         cells = [c.metrics.get(key) for c in cols]
         out.append(Row(key, row_label(key, next(m for m in cells if m is not None)), cells))
-        if key[0] == "icl_acc" and any(_adapted(m) for m in cells):  # what the adaptation costs per query
+        if key[0] in ("icl_acc", "acc") and any(_adapted(m) for m in cells):  # what the adaptation costs per query
             ratios = [None if m is None or m["extra"].get("time_ratio") is None else
-                      {"name": "tta_time_ratio", "dataset": key[1], "value": m["extra"]["time_ratio"], "extra": {"kind": "icl"}}
+                      {"name": "tta_time_ratio", "dataset": key[1], "value": m["extra"]["time_ratio"], "extra": {"kind": _kind(m)}}
                       for m in cells]
-            if any(r is not None for r in ratios):
-                out.append(Row(("tta_time_ratio", key[1]), row_label(("tta_time_ratio", key[1])), ratios))
+            shown = [r for r in ratios if r is not None]
+            if shown:
+                out.append(Row(("tta_time_ratio", key[1]), row_label(("tta_time_ratio", key[1]), shown[0]), ratios))
     out.sort(key=_sort_key)
     accs = [_mean_accuracy(c) for c in cols]
     if any(a is not None for a in accs):
@@ -152,7 +153,7 @@ def _sort_key(row: Row) -> tuple:
 
 
 def _mean_accuracy(col: Column) -> float | None:
-    accs = [m["value"] for (name, _), m in col.metrics.items() if name == "acc" and _kind(m) == "zeroshot"]
+    accs = [m["value"] for (name, _), m in col.metrics.items() if name == "acc" and _kind(m) == "zeroshot" and not _adapted(m)]
     return statistics.fmean(accs) if accs else None
 
 

@@ -72,13 +72,18 @@ def _record(run, phase: str, results: list[dict]) -> None:
 
 
 def _zeroshot(run, phase: str, prepared: Prepared) -> None:
+    from .icl import adaptations_from_spec
     from .zeroshot import evaluate_tasks
 
     e = run.spec.evaluate
     stage = f"zeroshot:{phase}"
-    with run.stage(stage, f"Zero-shot tasks ({phase_label(phase)}): {', '.join(e.zeroshot)}"):
+    title = f"Zero-shot tasks ({phase_label(phase)}): {', '.join(e.zeroshot)}"
+    if set(e.tta) - {"none"}:
+        title += f", test-time adaptation: {', '.join(e.tta)}"
+    with run.stage(stage, title):
         results = evaluate_tasks(run.loaded.model, run.loaded.tokenizer, list(e.zeroshot), limit=e.zeroshot_limit,
-                                 batch_size=e.batch_size, progress=_progress(run, stage), cancel=run.cancel, tasks=prepared.tasks)
+                                 batch_size=e.batch_size, progress=_progress(run, stage), cancel=run.cancel, tasks=prepared.tasks,
+                                 adaptations=adaptations_from_spec(e))
     _record(run, phase, results)
 
 

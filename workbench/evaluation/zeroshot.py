@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -132,11 +132,15 @@ def lm_eval_version() -> str:
     return getattr(lm_eval, "__version__", "unknown")
 
 
-def _in_memory_lm(model, tokenizer, batch_size: int, progress: Callable | None, cancel: Callable | None):
+def _in_memory_lm(model, tokenizer, batch_size: int, progress: Callable | None, cancel: Callable | None, adapter=None):
     """lm-eval's HFLM over the model as it is, reporting progress and honouring cancel between chunks of requests.
 
     Requests are scored in chunks of ``CHUNK`` (lm-eval sorts and batches
-    within each); the scores do not depend on the chunking.
+    within each); the scores do not depend on the chunking. With an
+    ``adapter`` (:class:`workbench.evaluation.tta.Adapter`) the documents
+    are taken in batches of ``adapter.config.batch``: the adapter steps on
+    the batch's choices (their summed log-likelihoods make the label
+    distribution), then lm-eval scores the batch's requests as usual.
     """
     from lm_eval.models.huggingface import HFLM
 
@@ -144,6 +148,8 @@ def _in_memory_lm(model, tokenizer, batch_size: int, progress: Callable | None, 
         CHUNK = 512
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
+            if adapter is not None:
+                return self._adapted(requests)
             out = []
             for start in range(0, len(requests), self.CHUNK):
                 if cancel is not None and cancel():
@@ -152,6 +158,45 @@ def _in_memory_lm(model, tokenizer, batch_size: int, progress: Callable | None, 
                 if progress is not None:
                     progress(len(out), len(requests))
             return out
+
+        def _adapted(self, requests):
+            docs: dict = {}
+            for i, r in enumerate(requests):
+                docs.setdefault((r.task_name, r.doc_id), []).append(i)
+            groups = list(docs.values())
+            out: list = [None] * len(requests)
+            done = 0
+            for start in range(0, len(groups), adapter.config.batch):
+                if cancel is not None and cancel():
+                    raise Cancelled("zero-shot evaluation cancelled", "the metrics so far are kept in the run history")
+                batch = groups[start:start + adapter.config.batch]
+                adapter.adapt([lambda g=g: self.choice_scores([requests[i].args for i in g]) for g in batch if len(g) > 1])
+                flat = [i for g in batch for i in g]
+                for i, scored in zip(flat, super().loglikelihood([requests[i] for i in flat], disable_tqdm=True)):
+                    out[i] = scored
+                adapter.end_batch()
+                done += len(flat)
+                if progress is not None:
+                    progress(done, len(requests))
+            return out
+
+        def choice_scores(self, pairs):
+            """Summed log-probability of each (context, continuation), with gradients, in one right-padded forward."""
+            import torch
+            import torch.nn.functional as F
+
+            rows, spans = [], []
+            for context, continuation in pairs:
+                ctx, cont = (self._encode_pair(context, continuation) if context
+                             else ([self.prefix_token_id], self.tok_encode(continuation)))
+                full = (ctx + cont)[-(self.max_length + 1):]
+                rows.append(full[:-1])
+                spans.append((len(full) - 1 - len(cont), cont))
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.model.device)
+            logp = F.log_softmax(self.model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+            return torch.stack([logp[k, torch.arange(start, start + len(cont), device=logp.device),
+                                     torch.tensor(cont, device=logp.device)].sum() for k, (start, cont) in enumerate(spans)])
 
     return InMemoryLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
 
@@ -179,7 +224,7 @@ def _lm_eval_seeds():
 
 def evaluate_tasks(model, tokenizer, names: list[str], limit: int | None = None, batch_size: int = 4,
                    progress: Callable[[str, int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
-                   tasks: dict[str, dict] | None = None) -> list[dict]:
+                   tasks: dict[str, dict] | None = None, adaptations: list | None = None) -> list[dict]:
     """Zero-shot accuracy of ``model`` (already on its device) on each task; one dict per metric.
 
     Each task goes through lm-eval's ``evaluate`` with the settings its
@@ -193,9 +238,30 @@ def evaluate_tasks(model, tokenizer, names: list[str], limit: int | None = None,
     version, the task's own name and version, n-shot, higher_is_better).
     ``progress(task, done, total)`` is called as requests are scored.
     ``tasks`` takes what :func:`load_tasks` returned, to load them only once.
+    ``adaptations`` (:class:`workbench.evaluation.tta.TTAConfig`, default
+    none) evaluates every task once per test-time adaptation mode, as
+    ``NAME+MODE`` (seed 0), with the seconds per document and the ratio to
+    the plain evaluation in ``extra``.
     """
+    from .tta import TTAConfig
+
+    results: list[dict] = []
+    plain: dict[str, float] = {}
+    for k, tta in enumerate(sorted(adaptations or [TTAConfig()], key=lambda t: t.mode != "none")):
+        loaded = tasks if k == 0 and tasks is not None else None  # a Task keeps its last requests: load anew
+        results += _evaluate_tasks(model, tokenizer, names, limit, batch_size, progress, cancel, loaded, tta, plain)
+    return results
+
+
+def _evaluate_tasks(model, tokenizer, names, limit, batch_size, progress, cancel, tasks, tta, plain: dict) -> list[dict]:
+    """Every task once, with one adaptation mode (``plain`` collects the unadapted seconds per document by task)."""
+    import time
+    from contextlib import nullcontext
+
     from lm_eval.defaults import DEFAULT_OTHER_SEED
     from lm_eval.evaluator import evaluate
+
+    from .tta import Adapter
 
     loaded = tasks if tasks is not None else load_tasks(names)
     version = lm_eval_version()
@@ -212,11 +278,25 @@ def evaluate_tasks(model, tokenizer, names: list[str], limit: int | None = None,
                 if task.get_config("num_fewshot") is None:
                     task.set_config(key="num_fewshot", value=0)
                 task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
-                lm = _in_memory_lm(model, tokenizer, batch_size, report, cancel)
-                with _lm_eval_seeds():
-                    out = evaluate(lm=lm, task_dict={"tasks": {leaf: task}, "groups": {}, "group_map": {}}, limit=limit,
-                                   bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False)
-                results.extend(_metrics(out, leaf, dataset, limit, version))
+                started = time.perf_counter()
+                with Adapter(model, tta, seed=0) if tta.mode != "none" else nullcontext() as adapter:
+                    lm = _in_memory_lm(model, tokenizer, batch_size, report, cancel, adapter)
+                    with _lm_eval_seeds():
+                        out = evaluate(lm=lm, task_dict={"tasks": {leaf: task}, "groups": {}, "group_map": {}}, limit=limit,
+                                       bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False)
+                metrics = _metrics(out, leaf, dataset, limit, version)
+                docs = (out.get("n-samples") or {}).get(leaf, {}).get("effective") or 1
+                per_doc = (time.perf_counter() - started) / docs
+                if tta.mode == "none":
+                    plain[dataset] = per_doc
+                for m in metrics:
+                    m["extra"].update({"tta": tta.mode, "seconds_per_query": per_doc,
+                                       "time_ratio": per_doc / plain[dataset] if dataset in plain else None})
+                    if tta.mode != "none":
+                        m["dataset"] = f"{dataset}+{tta.mode}"
+                        m["extra"]["tta_settings"] = {k: v for k, v in asdict(tta).items() if k != "mode"}
+                        m["extra"]["tta_steps_taken"] = adapter.steps_taken
+                results.extend(metrics)
     return results
 
 

@@ -77,7 +77,7 @@ class EvalSpec:
     icl_limit: int | None = None  # a fixed random subset of N test queries per data set
     icl_labels: list[str] = field(default_factory=list)  # label words of a file: data set, by label index
     icl_template: str = ""  # prompt of a file: data set, e.g. "Review: {text}\nSentiment:"
-    # test-time adaptation of the icl evaluations (workbench.evaluation.tta); a set named NAME@typo:0.15 is shifted
+    # test-time adaptation of the icl sets and zero-shot tasks (workbench.evaluation.tta); an icl set NAME@typo:0.15 is shifted
     tta: list[str] = field(default_factory=lambda: ["none"])  # none, tent, pcl: each is evaluated
     tta_steps: int = 1  # optimizer (Adam) steps per test batch
     tta_lr: float = 1e-2  # Adam
