@@ -344,7 +344,8 @@ def accuracy(predictions: list[Prediction]) -> float:
 def evaluate_dataset(model, tokenizer, name: str, configs: list[ICLConfig], seeds: int = 3, limit: int | None = None,
                      labels: tuple[str, ...] | list[str] = (), template: str = "", context_length: int | None = None,
                      progress: Callable[[str, int, int], None] | None = None,
-                     cancel: Callable[[], bool] | None = None, adaptations: list | None = None) -> list[dict]:
+                     cancel: Callable[[], bool] | None = None, adaptations: list | None = None,
+                     on_result: Callable[[dict], None] | None = None) -> list[dict]:
     """One data set in each mode of ``configs`` (and each test-time adaptation): accuracy mean and std over ``seeds``.
 
     ``name`` may carry shifts (``sst2@typo:0.15``, :mod:`workbench.evaluation.shifts`):
@@ -353,7 +354,8 @@ def evaluate_dataset(model, tokenizer, name: str, configs: list[ICLConfig], seed
     :class:`workbench.evaluation.tta.TTAConfig` (default: none). Zero-shot
     without shift or adaptation does not depend on the seed, so it runs once.
     Each result records the seconds per query, and its ratio to the plain
-    evaluation of the same mode when that ran too.
+    evaluation of the same mode when that ran too. ``on_result`` is called
+    with each result as soon as it is measured (the TUI's table fills live).
     """
     from . import shifts as shifting
     from .tta import Adapter, TTAConfig
@@ -420,6 +422,8 @@ def evaluate_dataset(model, tokenizer, name: str, configs: list[ICLConfig], seed
                 extra["tta_steps_taken"] = steps
             results.append({"name": "icl_acc", "dataset": label, "value": statistics.fmean(accs), "stderr": None,
                             "samples": len(positions), "limit": limit, "extra": extra})
+            if on_result is not None:
+                on_result(results[-1])
     return results
 
 

@@ -97,12 +97,11 @@ def _icl(run, phase: str) -> None:
     if adapting:
         title += f", test-time adaptation: {', '.join(e.tta)}"
     with run.stage(stage, title):
-        for name in e.icl:
-            results = evaluate_dataset(run.loaded.model, run.loaded.tokenizer, name, configs_from_spec(e), seeds=e.icl_seeds,
-                                       limit=e.icl_limit, labels=e.icl_labels, template=e.icl_template,
-                                       context_length=run.context_seqlen(), progress=_progress(run, stage), cancel=run.cancel,
-                                       adaptations=adaptations_from_spec(e))
-            _record(run, phase, results)
+        for name in e.icl:  # each mode's result is recorded as soon as it is measured
+            evaluate_dataset(run.loaded.model, run.loaded.tokenizer, name, configs_from_spec(e), seeds=e.icl_seeds,
+                             limit=e.icl_limit, labels=e.icl_labels, template=e.icl_template,
+                             context_length=run.context_seqlen(), progress=_progress(run, stage), cancel=run.cancel,
+                             adaptations=adaptations_from_spec(e), on_result=lambda r: _record(run, phase, [r]))
 
 
 def _efficiency(run, phase: str, device) -> None:
