@@ -5,10 +5,12 @@ Two tabs (``]`` and ``[`` move between them):
 - Evaluate a model: left, what to evaluate: the target (the setup's model,
   or a run from the history that kept its model: its export, or the model of
   a run without steps), perplexity data sets, zero-shot tasks, in-context
-  learning and efficiency. Every change is validated by the spec validator,
-  so the messages are the command line's. Right, this session's evaluation
-  jobs and the selected one's progress and results, each perplexity with
-  its protocol (tokens per window × windows).
+  learning (each set also under the shifts typed, ``sst2@typo:0.15``), the
+  test-time adaptations those sets and the zero-shot tasks are evaluated with,
+  and efficiency. Every change is validated by the spec validator, so the
+  messages are the command line's. Right, this session's evaluation jobs
+  and the selected one's progress and results, each perplexity with its
+  protocol (tokens per window × windows).
 - Run settings: the setup's name, description and reference, its
   ``[evaluate]`` table (what a run measures before and after compressing)
   and its ``[export]`` table (whether the compressed model is kept, where,
@@ -41,6 +43,8 @@ from textual.widgets.option_list import Option
 from workbench.errors import UserError, WorkbenchError
 from workbench.evaluation import report
 from workbench.evaluation.icl_data import DATASETS, MODES, RETRIEVERS
+from workbench.evaluation.shifts import KINDS as SHIFT_KINDS, parse_set_name
+from workbench.evaluation.tta_settings import HOW as PCL_HOW, MODES as TTA_MODES, PARAMS as TTA_PARAMS
 from workbench.evaluation.zeroshot import BUNDLED_TASKS
 from workbench.files import is_export
 from workbench.spec import DTYPES, EVAL_DATASETS_BUILTIN, EvalSpec, ExportSpec, spec_from_dict
@@ -57,8 +61,13 @@ INPUTS = {
     "zs-limit": ("zeroshot_limit", "max samples"), "icl-k": ("icl_k", "demos K"),
     "icl-memory": ("icl_memory", "memory M"), "icl-seeds": ("icl_seeds", "orders"),
     "icl-limit": ("icl_limit", "max queries"), "icl-entropy": ("icl_max_entropy", "max entropy"),
+    "tta-steps": ("tta_steps", "TTA steps"), "tta-lr": ("tta_lr", "TTA lr"), "tta-batch": ("tta_batch", "TTA batch"),
+    "pcl-strength": ("pcl_strength", "PCL amount"),
 }
-HIDDEN = ("icl_labels", "icl_template")  # kept from the setup's [evaluate]: a file: ICL data set needs them
+# select id suffix -> ([evaluate] key, label, the values offered)
+SELECTS = {"tta-params": ("tta_params", "TTA adapts", TTA_PARAMS), "pcl-how": ("pcl_how", "PCL noise", PCL_HOW)}
+# kept from the setup's [evaluate], not shown: a file: ICL data set's labels and prompt, the finer adaptation settings
+HIDDEN = ("icl_labels", "icl_template", "tta_lora_rank", "tta_lora_targets", "pcl_where", "pcl_ce")
 MODEL_SETTINGS = ("dtype", "device", "trust_remote_code")  # what an evaluation of a run keeps of the run's [model]
 NO_MODEL_HINT = "turn on export in the Run settings tab (]) and run it again"
 RUNS_LISTED = 200
@@ -127,12 +136,51 @@ def eval_values(data: dict | None) -> dict:
     return {k: [v] if isinstance(v, str) and isinstance(getattr(EvalSpec(), k, None), list) else v for k, v in e.items()}
 
 
+def split_sets(names: list[str]) -> tuple[list[str], list[str]]:
+    """ICL set names as the form shows them: the data sets (``sst2``) and the shifts (``typo:0.15``), each once, in
+    order; ``sst2@typo:0.15`` gives both. A name the validator refuses is split at its last ``@`` all the same (the
+    validator's message says what is wrong with it); a ``file:`` path with an ``@`` in it stays whole."""
+    sets, shifts = [], []
+    for name in names:
+        try:
+            base = parse_set_name(name)[0]
+        except UserError:
+            base = name.rpartition("@")[0] or name
+        sets.append(base)
+        if base != name:
+            shifts.append(name[len(base) + 1:])
+    return list(dict.fromkeys(sets)), list(dict.fromkeys(shifts))
+
+
+def shift_specs(text: str) -> list[str]:
+    """The shifts typed in the shifts field: comma-separated, each once (a leading ``@`` is allowed)."""
+    return list(dict.fromkeys(s.strip().lstrip("@").strip() for s in text.split(",") if s.strip().lstrip("@").strip()))
+
+
+def shifts_problem(screen, prefix: str) -> UserError | None:
+    """What the spec validator cannot say about the shifts field of ``eval_fields(prefix)``: shifts with no ICL set
+    to apply them to, or one that is no shift at all (``sst2@foo`` would read as an unknown data set)."""
+    shifts = shift_specs(screen.query_one(f"#{prefix}-icl-shifts", Input).value)
+    hint = f"write KIND:RATE (a rate in [0, 1], several joined by +), e.g. typo:0.15; the kinds: {', '.join(SHIFT_KINDS)}"
+    for shift in shifts:
+        try:
+            if not parse_set_name(f"set@{shift}")[1]:
+                return UserError(f"evaluate.icl: {shift!r} is not a shift", hint)
+        except UserError:
+            pass  # a shift, written wrong: the validator says how, naming the set
+    if shifts and not screen.query_one(f"#{prefix}-icl", SelectionList).selected:
+        return UserError(f"evaluate.icl: the shifts ({', '.join(shifts)}) apply to in-context learning sets, and none "
+                         "is picked", "pick an ICL data set, or clear the shifts")
+    return None
+
+
 def eval_fields(prefix: str, e: dict) -> ComposeResult:
     """The widgets of an ``[evaluate]`` table (ids ``PREFIX-ppl``, ``PREFIX-limit``...), filled from ``e`` (``eval_values``)."""
     # the setup's own data sets and tasks (file:..., lm_eval:...) are offered beside the bundled ones
     ppl = list(dict.fromkeys([*EVAL_DATASETS_BUILTIN, *e["perplexity"]]))
     tasks = list(dict.fromkeys([*BUNDLED_TASKS, *e["zeroshot"]]))
-    icl = {d.name: f"{d.name} ({d.title})" for d in DATASETS.values()} | {n: n for n in e["icl"] if n not in DATASETS}
+    sets, shifts = split_sets(e["icl"])
+    icl = {d.name: f"{d.name} ({d.title})" for d in DATASETS.values()} | {n: n for n in sets if n not in DATASETS}
     yield Label("Perplexity", classes="eval-heading")
     yield SelectionList(*((ds, ds, ds in e["perplexity"]) for ds in ppl), id=f"{prefix}-ppl")
     yield from _inputs(prefix, e, "limit", "seqlen", "batch")
@@ -140,7 +188,12 @@ def eval_fields(prefix: str, e: dict) -> ComposeResult:
     yield SelectionList(*((t, t, t in e["zeroshot"]) for t in tasks), id=f"{prefix}-zeroshot")
     yield from _inputs(prefix, e, "zs-limit")
     yield Label("In-context learning", classes="eval-heading")
-    yield SelectionList(*((label, name, name in e["icl"]) for name, label in icl.items()), id=f"{prefix}-icl")
+    yield SelectionList(*((label, name, name in sets) for name, label in icl.items()), id=f"{prefix}-icl")
+    with Horizontal(classes="eval-field"):
+        yield Label("shifts")  # each set is evaluated clean and once per shift (NAME@SHIFT)
+        yield Input(", ".join(shifts), placeholder="typo:0.15, words:0.1", compact=True, id=f"{prefix}-icl-shifts",
+                    tooltip="each set is also evaluated once per shift, comma-separated KIND:RATE[+KIND:RATE]; "
+                            f"kinds: {', '.join(SHIFT_KINDS)}")
     yield Label("modes", classes="eval-sub")
     yield SelectionList(*((m, m, m in e["icl_modes"]) for m in MODES), id=f"{prefix}-icl-modes")
     with Horizontal(classes="eval-field"):
@@ -148,8 +201,34 @@ def eval_fields(prefix: str, e: dict) -> ComposeResult:
         yield Select([(r, r) for r in RETRIEVERS], value=e["icl_retriever"], allow_blank=False, compact=True,
                      id=f"{prefix}-icl-retriever")
     yield from _inputs(prefix, e, "icl-k", "icl-memory", "icl-seeds", "icl-limit", "icl-entropy")
+    yield Label("Test-time adaptation", classes="eval-heading")  # of the ICL sets and the zero-shot tasks
+    modes = list(dict.fromkeys([*TTA_MODES, *e["tta"]]))
+    yield SelectionList(*((m, m, m in e["tta"]) for m in modes), id=f"{prefix}-tta")
+    yield from _inputs(prefix, e, "tta-steps", "tta-lr", "tta-batch")
+    yield from _selects(prefix, e, "tta-params")
+    yield Check("episodic (reset per batch)", bool(e["tta_episodic"]), compact=True, id=f"{prefix}-tta-episodic")
+    yield from _selects(prefix, e, "pcl-how")
+    yield from _inputs(prefix, e, "pcl-strength")
     yield Label("Efficiency", classes="eval-heading")
     yield Check("speed and memory", bool(e["efficiency"]), compact=True, id=f"{prefix}-efficiency")
+
+
+def _choices(suffix: str, value) -> tuple[list[tuple[str, str]], str]:
+    """A select's options and the value it shows: the values offered, and the setup's own when it is none of them
+    (the validator names it); a value that is not even a string shows as the first one."""
+    offered = list(SELECTS[suffix][2])
+    if not isinstance(value, str):
+        return [(v, v) for v in offered], offered[0]
+    return [(v, v) for v in dict.fromkeys([*offered, value])], value
+
+
+def _selects(prefix: str, values: dict, *suffixes: str) -> ComposeResult:
+    for suffix in suffixes:
+        key, label, _ = SELECTS[suffix]
+        options, value = _choices(suffix, values[key])
+        with Horizontal(classes="eval-field"):
+            yield Label(label)
+            yield Select(options, value=value, allow_blank=False, compact=True, id=f"{prefix}-{suffix}")
 
 
 def _inputs(prefix: str, values: dict, *suffixes: str) -> ComposeResult:
@@ -164,16 +243,23 @@ def _inputs(prefix: str, values: dict, *suffixes: str) -> ComposeResult:
 
 
 def read_eval_fields(screen, prefix: str) -> dict:
-    """The ``[evaluate]`` keys the widgets of ``eval_fields(prefix)`` describe (empty inputs left out)."""
+    """The ``[evaluate]`` keys the widgets of ``eval_fields(prefix)`` describe (empty inputs left out). Every ICL set
+    picked is evaluated clean and once per shift typed: ``icl = [sst2, mr, sst2@typo:0.1, mr@typo:0.1]``."""
     q = screen.query_one
+    sets = list(q(f"#{prefix}-icl", SelectionList).selected)
+    shifts = shift_specs(q(f"#{prefix}-icl-shifts", Input).value)
     settings: dict = {
         "perplexity": list(q(f"#{prefix}-ppl", SelectionList).selected),
         "zeroshot": list(q(f"#{prefix}-zeroshot", SelectionList).selected),
-        "icl": list(q(f"#{prefix}-icl", SelectionList).selected),
+        "icl": [*sets, *(f"{name}@{shift}" for shift in shifts for name in sets)],
         "icl_modes": list(q(f"#{prefix}-icl-modes", SelectionList).selected),
         "icl_retriever": q(f"#{prefix}-icl-retriever", Select).value,
+        "tta": list(q(f"#{prefix}-tta", SelectionList).selected),
+        "tta_episodic": q(f"#{prefix}-tta-episodic", Checkbox).value,
         "efficiency": q(f"#{prefix}-efficiency", Checkbox).value,
     }
+    for suffix, (key, _, _) in SELECTS.items():
+        settings[key] = q(f"#{prefix}-{suffix}", Select).value
     for suffix, (key, _) in INPUTS.items():
         value = _number(q(f"#{prefix}-{suffix}", Input).value)
         if value is not None:
@@ -184,21 +270,32 @@ def read_eval_fields(screen, prefix: str) -> dict:
 def fill_eval_fields(screen, prefix: str, e: dict) -> None:
     """Show ``e`` (``eval_values``) in the widgets of ``eval_fields(prefix)``; unchanged ones are left alone."""
     q = screen.query_one
-    for kind in ("ppl", "zeroshot", "icl", "icl-modes"):
-        key = {"ppl": "perplexity", "icl-modes": "icl_modes"}.get(kind, kind)
+    sets, shifts = split_sets(e["icl"])
+    lists = {"ppl": e["perplexity"], "zeroshot": e["zeroshot"], "icl": sets, "icl-modes": e["icl_modes"], "tta": e["tta"]}
+    for kind, names in lists.items():
         widget = q(f"#{prefix}-{kind}", SelectionList)
         values = [widget.get_option_at_index(i).value for i in range(widget.option_count)]
-        for name in e[key]:
-            if name not in values:  # a file: data set or lm_eval: task of this setup
+        for name in names:
+            if name not in values:  # a file: data set or lm_eval: task of this setup (or a bad name)
                 widget.add_option((name, name, True))
-        if sorted(widget.selected) != sorted(e[key]):
+        if sorted(widget.selected) != sorted(names):
             widget.deselect_all()
-            for name in e[key]:
+            for name in names:
                 widget.select(name)
+    shifts_input = q(f"#{prefix}-icl-shifts", Input)
+    if shift_specs(shifts_input.value) != shifts:  # as typed, while it means the same
+        shifts_input.value = ", ".join(shifts)
     if q(f"#{prefix}-icl-retriever", Select).value != e["icl_retriever"] and e["icl_retriever"] in RETRIEVERS:
         q(f"#{prefix}-icl-retriever", Select).value = e["icl_retriever"]
-    if q(f"#{prefix}-efficiency", Checkbox).value != bool(e["efficiency"]):
-        q(f"#{prefix}-efficiency", Checkbox).value = bool(e["efficiency"])
+    for suffix, (key, _, _) in SELECTS.items():
+        widget = q(f"#{prefix}-{suffix}", Select)
+        options, value = _choices(suffix, e[key])
+        if widget.value != value:
+            widget.set_options(options)
+            widget.value = value
+    for key, kind in (("efficiency", "efficiency"), ("tta_episodic", "tta-episodic")):
+        if q(f"#{prefix}-{kind}", Checkbox).value != bool(e[key]):
+            q(f"#{prefix}-{kind}", Checkbox).value = bool(e[key])
     for suffix, (key, _) in INPUTS.items():
         widget = q(f"#{prefix}-{suffix}", Input)
         shown = "" if e.get(key) is None else str(e[key])
@@ -231,7 +328,7 @@ class EvaluateScreen(WorkbenchScreen):
     def compose_body(self) -> ComposeResult:
         session = self.app.session
         e = eval_values(session.data.get("evaluate"))
-        self.hidden = {k: e[k] for k in HIDDEN if e.get(k)}
+        self.hidden = {k: e[k] for k in HIDDEN if e[k] != getattr(EvalSpec(), k)}  # the defaults left out
         with TabbedContent(id="eval-tabs"):
             with TabPane("Evaluate a model now", id="tab-eval-now"):
                 with Horizontal(id="eval-main"):
@@ -336,6 +433,8 @@ class EvaluateScreen(WorkbenchScreen):
             raise UserError("no model picked", "pick the setup's model or a finished run in the list")
         if target.problem is not None:
             raise UserError(*target.problem[1:])
+        if (problem := shifts_problem(self, "eval")) is not None:
+            raise problem
         spec = spec_from_dict({"name": f"eval of {target.title}", "description": f"evaluation of {target.what}",
                                "reference": target.key if target.run_id else f"model:{target.model}",
                                "model": {**copy.deepcopy(target.settings), "name": target.model},
@@ -490,7 +589,7 @@ class EvaluateScreen(WorkbenchScreen):
 
     def _show_run_problem(self) -> None:
         """The setup's first problem when it is about the Run settings tab; and what is at the export folder."""
-        problem = self.app.session.problem()
+        problem = shifts_problem(self, "run") or self.app.session.problem()
         line = self.query_one("#run-problem", Static)
         ours = problem is not None and problem.message.split(" ")[0].split(".")[0].split(":")[0] in (
             "evaluate", "export", "name", "description", "reference")

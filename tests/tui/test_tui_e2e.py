@@ -118,7 +118,7 @@ def test_a_whole_session_in_a_terminal(tmp_path):
         keys("]")  # the next tab; the focus goes to its first field (the name)
         _until(lambda: "automatic: quickstart" in terminal.capture(), deadline, "the Run settings tab")
         keys(*["Tab"] * 6, "C-u", "4")  # name, description, reference, before, fresh, data sets: the window limit
-        keys(*["Tab"] * 14, "Space")  # on to "export the compressed model"
+        keys(*["Tab"] * 23, "Space")  # on to "export the compressed model", past the ICL and adaptation fields
         _until(lambda: "✓▌ export the compressed model" in terminal.capture(), deadline, "export turned on")
         keys("4")  # the Run screen: what ctrl+r would run, with the edited settings
         _until(lambda: "Ready to run demo wanda 50%" in terminal.capture() and "(4 windows)" in terminal.screen

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tui_support import SMALL, fake_backend, make_app, wait_for, worker_ready
+from tui_support import SMALL, choose, fake_backend, make_app, type_into, wait_for, worker_ready
 from worker_support import async_test
 from workbench.errors import UserError
 from workbench.history import History
-from workbench.screens.evaluate import NO_MODEL_HINT
+from workbench.screens.evaluate import (NO_MODEL_HINT, eval_values, fill_eval_fields, read_eval_fields, shift_specs,
+                                        split_sets)
 from workbench.screens.widgets import MessageModal
 from workbench.spec import spec_from_dict
 
@@ -168,3 +169,118 @@ async def test_a_run_without_a_kept_model_is_listed_but_cannot_be_evaluated(tmp_
         await wait_for(pilot, lambda: _modal(app) is not None, what="the error modal")
         assert "20250101-000001-ccc003" in _modal(app).message and _modal(app).hint == NO_MODEL_HINT
         assert not app.state.jobs  # nothing was submitted
+
+
+async def _tick(pilot, screen, selector: str, *values: str) -> None:
+    """Toggle ``values`` in a selection list by keyboard, from its first option down."""
+    widget = screen.query_one(selector)
+    widget.focus()
+    await pilot.pause()
+    widget.highlighted = 0
+    at, options = 0, [widget.get_option_at_index(i).value for i in range(widget.option_count)]
+    for value in values:
+        index = options.index(value)
+        await pilot.press(*["down"] * (index - at), "space")
+        at = index
+    await pilot.pause()
+
+
+@async_test
+async def test_icl_sets_are_evaluated_under_the_shifts_typed_with_the_adaptations_picked():
+    app = make_app(start_worker=False)
+    async with app.run_test(size=SMALL) as pilot:
+        screen = await _show_evaluate(pilot, app)
+        await _tick(pilot, screen, "#eval-icl", "books-next")
+        # multiple choice: the validator refuses dail (the default mode) for it, with its own words
+        await wait_for(pilot, lambda: "multiple choice" in _problem(screen), what="the multiple-choice problem")
+        await _tick(pilot, screen, "#eval-icl-modes", "zeroshot", "dail")
+        await _tick(pilot, screen, "#eval-tta", "none", "tent", "pcl")
+        await type_into(pilot, "#eval-icl-shifts", "typo:0.1, typo:0.3")
+        await type_into(pilot, "#eval-tta-lr", "5e-4")
+        form = {"#eval-tta-steps": "2", "#eval-pcl-strength": "0.2", "#eval-pcl-how": "gaussian", "#eval-tta-params": "lora",
+                "#eval-tta-episodic": False}
+        for selector, value in form.items():
+            await choose(pilot, selector, value)
+        await wait_for(pilot, lambda: _problem(screen) == "", what="a valid form")
+        settings = screen.settings()
+        assert settings["icl"] == ["books-next", "books-next@typo:0.1", "books-next@typo:0.3"]
+        assert settings["icl_modes"] == ["zeroshot"] and settings["tta"] == ["tent", "pcl"]
+        assert {k: settings[k] for k in ("tta_steps", "tta_lr", "tta_batch", "tta_episodic", "tta_params", "pcl_how",
+                                         "pcl_strength")} == {"tta_steps": 2, "tta_lr": 5e-4, "tta_batch": 4,
+                                                              "tta_episodic": False, "tta_params": "lora",
+                                                              "pcl_how": "gaussian", "pcl_strength": 0.2}
+        evaluate = screen.build_spec()["evaluate"]  # what the job would get: the validator took it as it is
+        assert evaluate["icl"] == settings["icl"] and evaluate["tta"] == ["tent", "pcl"] and evaluate["tta_lr"] == 5e-4
+        # a shift written wrong: the validator's message, under the form, and no job
+        await choose(pilot, "#eval-icl-shifts", "typo:0.1, typo:lots")
+        with pytest.raises(UserError) as expected:
+            spec_from_dict({"evaluate": {"icl": ["books-next@typo:lots"], "icl_modes": ["zeroshot"]}})
+        await wait_for(pilot, lambda: expected.value.message in _problem(screen), what="the validator's message")
+        await pilot.press("ctrl+e")
+        await wait_for(pilot, lambda: _modal(app) is not None, what="the error modal")
+        assert _modal(app).message == expected.value.message
+        assert not app.state.jobs
+        await pilot.press("escape")
+        # no shift at all: said as such (the validator would call books-next@fast an unknown data set)
+        await choose(pilot, "#eval-icl-shifts", "fast")
+        await wait_for(pilot, lambda: "'fast' is not a shift" in _problem(screen), what="'not a shift'")
+        # shifts with no set to apply them to
+        await choose(pilot, "#eval-icl-shifts", "case:0.5")
+        screen.query_one("#eval-icl").deselect_all()
+        await wait_for(pilot, lambda: "none is picked" in _problem(screen), what="shifts without a set")
+        await choose(pilot, "#eval-icl-shifts", "")
+        screen.query_one("#eval-tta").deselect_all()  # no adaptation either: valid again
+        await wait_for(pilot, lambda: _problem(screen) == "", what="a valid form again")
+
+
+def test_set_names_split_into_sets_and_shifts_as_written():
+    names = ["sst2", "sst2@typo:0.10", "mr@typo:0.10", "file:/data/a@b.jsonl", "sst2@typo:lots", "cr@words:0.1+case:0.05"]
+    assert split_sets(names) == (["sst2", "mr", "file:/data/a@b.jsonl", "cr"], ["typo:0.10", "typo:lots", "words:0.1+case:0.05"])
+    assert shift_specs(" typo:0.1,, @case:0.2 , typo:0.1,") == ["typo:0.1", "case:0.2"]
+
+
+ROUND_TRIP = {"perplexity": ["wikitext2"], "icl": ["sst2", "mr", "sst2@typo:0.15", "mr@typo:0.15",
+                                                  "sst2@words:0.1+case:0.05", "mr@words:0.1+case:0.05"],
+              "icl_modes": ["zeroshot", "dail"], "tta": ["none", "pcl"], "tta_steps": 3, "tta_lr": 0.0005,
+              "tta_batch": 8, "tta_episodic": False, "tta_params": "lora", "pcl_how": "gaussian", "pcl_strength": 0.25}
+
+
+@async_test
+async def test_shifted_sets_and_adaptation_settings_round_trip_through_both_forms():
+    app = make_app(start_worker=False)
+    unseen = {"pcl_where": "embeddings", "tta_lora_rank": 8}  # settings the form does not show: kept as they are
+    for key, value in unseen.items():
+        app.session.set(f"evaluate.{key}", value)
+    async with app.run_test(size=SMALL) as pilot:
+        screen = await _show_evaluate(pilot, app)
+        assert {k: screen.settings().get(k) for k in unseen} == unseen
+        for prefix in ("eval", "run"):
+            fill_eval_fields(screen, prefix, eval_values(ROUND_TRIP))
+            await pilot.pause()
+            assert screen.query_one(f"#{prefix}-icl").selected == ["sst2", "mr"]
+            assert screen.query_one(f"#{prefix}-icl-shifts").value == "typo:0.15, words:0.1+case:0.05"
+            read = read_eval_fields(screen, prefix)
+            assert {k: read[k] for k in ROUND_TRIP} == ROUND_TRIP, prefix
+            # and back to the defaults: no shifts, no adaptation
+            fill_eval_fields(screen, prefix, eval_values({}))
+            await pilot.pause()
+            read = read_eval_fields(screen, prefix)
+            assert screen.query_one(f"#{prefix}-icl-shifts").value == ""
+            assert {k: read[k] for k in ROUND_TRIP} == {k: v for k, v in eval_values({}).items() if k in ROUND_TRIP}
+        # the setup's [evaluate] shows in the Run settings tab, and an edit there writes the shifted names back
+        app.session.set("evaluate", {**ROUND_TRIP, **unseen})
+        app.session_changed()
+        screen.query_one("#eval-target").focus()
+        await pilot.press("]")
+        await wait_for(pilot, lambda: screen.query_one("#eval-tabs").active == "tab-run-settings", what="the tab")
+        await wait_for(pilot, lambda: screen.query_one("#run-icl-shifts").value == "typo:0.15, words:0.1+case:0.05",
+                       what="the setup's shifts in the Run settings tab")
+        assert {k: v for k, v in read_eval_fields(screen, "run").items() if k in ROUND_TRIP} == ROUND_TRIP
+        await type_into(pilot, "#run-icl-shifts", "space:0.2")
+        await wait_for(pilot, lambda: app.session.get("evaluate.icl") == ["sst2", "mr", "sst2@space:0.2", "mr@space:0.2"],
+                       what="the new shift in the setup")
+        assert app.session.get("evaluate.tta") == ["none", "pcl"] and app.session.get("evaluate.tta_lr") == 0.0005
+        assert {k: app.session.get(f"evaluate.{k}") for k in unseen} == unseen
+        await type_into(pilot, "#run-icl-shifts", "space:2")  # outside [0, 1]: the setup's problem, in the tab
+        await wait_for(pilot, lambda: "outside [0, 1]" in str(screen.query_one("#run-problem").render()),
+                       what="the validator's message in the Run settings tab")
