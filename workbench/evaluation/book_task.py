@@ -65,19 +65,21 @@ def build(text: str, items: int = ITEMS, seed: int = 0, context: int = CONTEXT, 
     per_book = -(-items // len(books))
     for b, book in enumerate(books):
         paragraphs = [sentences(p) for p in re.split(r"\n\s*\n", book)]
-        pool = [s for p in paragraphs for s in p if _usable(s)]
+        pool = [(s, len(s.split())) for p in paragraphs for s in p if _usable(s)]
         candidates = [(p, i) for p, sents in enumerate(paragraphs) for i in range(context, len(sents))
                       if all(_usable(s) for s in sents[i - context:i + 1])]
         for p, i in rng.sample(candidates, min(per_book, len(candidates))):
             true = paragraphs[p][i]
             n = len(true.split())
-            similar = [s for s in pool if n / 2 <= len(s.split()) <= 2 * n and s != true and s not in paragraphs[p]]
+            similar = [s for s, words in pool if n / 2 <= words <= 2 * n and s != true and s not in paragraphs[p]]
             distractors = rng.sample(similar, choices - 1)
             label = rng.randrange(choices)
             options = distractors[:label] + [true] + distractors[label:]
             out.append({"context": " ".join(paragraphs[p][i - context:i]), "choices": options, "label": label,
                         "book": TITLES[b] if b < len(TITLES) else f"book {b + 1}"})
-    return out[:items] if len(out) <= items else [out[k] for k in sorted(random.Random(seed).sample(range(len(out)), items))]
+    if len(out) > items:  # more than asked: a seeded subset, in order
+        out = [out[k] for k in sorted(random.Random(seed).sample(range(len(out)), items))]
+    return out
 
 
 @lru_cache(maxsize=1)
