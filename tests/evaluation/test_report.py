@@ -94,7 +94,7 @@ def test_robustness_rows_sit_beside_their_clean_rows_with_the_time_ratio():
                           "ICL books-next@typo:0.3/zeroshot acc", "ICL books-next@typo:0.3/zeroshot+tent acc",
                           "ICL books-next@typo:0.3/zeroshot+tent time x plain"]
     rows = {r[0]: r[1] for r in body}
-    assert rows["ICL books-next/zeroshot+pcl time x plain"] == "3.2500"
+    assert rows["ICL books-next/zeroshot+pcl time x plain"] == "3.25x"
     assert rows["ICL books-next@typo:0.3/zeroshot+tent acc"] == "0.3400 ±0.0100"
 
 

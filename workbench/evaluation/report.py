@@ -161,6 +161,8 @@ def _number(name: str, value: float) -> str:
     value *= _SCALE.get(name, 1)
     if name in ("parameters", "nonzero_parameters"):
         return f"{value:,.0f}"
+    if name == "tta_time_ratio":
+        return f"{value:.2f}x"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     if name in ("acc", "acc_norm", "icl_acc", "mean_acc", "sparsity") or abs(value) < 10:
