@@ -34,8 +34,10 @@ from .model_source import DEMO_MODEL_DIR
 INFO_FILE = "compression.json"
 EXPORTED_BY = "workbench"
 PARTIAL_MARK = ".workbench-partial"  # inside a temporary export folder: who is writing it
-# .NAME.tmp-1a2b3c4d (being written) and .NAME.old-1a2b3c4d (a replaced export on its way out)
-_TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.(?P<tag>tmp|old)-[0-9a-f]{8}$")
+# .NAME.tmp-1a2b3c4d (being written), .NAME.old-1a2b3c4d (a replaced export on its way out) and
+# .NAME.pre-1a2b3c4d (a temporary folder being marked, for the instant before it is renamed .tmp-)
+_TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.(?P<tag>tmp|old|pre)-[0-9a-f]{8}$")
+PRE_STALE_AFTER = 60.0  # an unmarked .pre- folder older than this was left by a writer killed before it marked it
 # what an export of an older version wrote (it did not list its files)
 _EXPORT_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".py", ".tiktoken")
 STALE_AFTER = 24 * 3600.0  # a temporary folder of another host (or without a mark) older than this is stale
@@ -237,17 +239,35 @@ def _pid_alive(pid: int) -> bool:
 
 
 def new_temp_folder(parent: Path, stem: str, tag: str = "tmp") -> Path:
-    """Create ``parent/.STEM.TAG-XXXXXXXX`` and mark it with this process (host, pid) so it can be cleaned later."""
+    """Create ``parent/.STEM.TAG-XXXXXXXX`` and mark it with this process (host, pid) so it can be cleaned later.
+
+    A ``tmp`` folder is made and marked as ``.STEM.pre-XXXXXXXX`` and renamed
+    once marked, so a ``.tmp-`` folder always says who writes it, even when
+    the writer is killed the instant after creating it.
+    """
     for _ in range(100):
-        candidate = parent / f".{stem}.{tag}-{secrets.token_hex(4)}"
+        token = secrets.token_hex(4)
+        candidate = parent / f".{stem}.{tag}-{token}"
+        made = parent / f".{stem}.pre-{token}" if tag == "tmp" else candidate
         try:
-            candidate.mkdir()
+            made.mkdir()
         except FileExistsError:
             continue
         if tag == "tmp":
-            (candidate / PARTIAL_MARK).write_text(json.dumps({"host": _host(), "pid": os.getpid(), "time": time.time()}))
+            (made / PARTIAL_MARK).write_text(json.dumps({"host": _host(), "pid": os.getpid(), "time": time.time()}))
+            if candidate.exists():
+                shutil.rmtree(made, ignore_errors=True)
+                continue
+            os.rename(made, candidate)
         return candidate
     raise RunError(f"could not create a temporary folder in '{parent}'", f"remove stale .{stem}.{tag}-* folders there")
+
+
+def _age(folder: Path) -> float:
+    try:
+        return time.time() - folder.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _is_stale(folder: Path) -> bool:
@@ -282,7 +302,11 @@ def clean_stale(parent: Path, stem: str | None = None) -> list[str]:
         if not match or not entry.is_dir() or entry.is_symlink() or (stem is not None and match["stem"] != stem):
             continue
         target = parent / match["stem"]
-        if match["tag"] == "tmp":
+        if match["tag"] == "pre":  # holds at most its mark: stale when its writer is gone, or unmarked for a minute
+            if _is_stale(entry) or (not (entry / PARTIAL_MARK).exists() and _age(entry) > PRE_STALE_AFTER):
+                shutil.rmtree(entry, ignore_errors=True)
+                done.append(f"removed the stale temporary folder {entry.name}")
+        elif match["tag"] == "tmp":
             if _is_stale(entry):
                 shutil.rmtree(entry, ignore_errors=True)
                 done.append(f"removed the stale temporary folder {entry.name}")

@@ -128,11 +128,20 @@ def test_stale_temporary_folders_are_cleaned_by_the_next_export(home, work):
     pid = subprocess.Popen(["true"])
     pid.wait()
     (stale / ".workbench-partial").write_text(json.dumps({"host": socket.gethostname(), "pid": pid.pid}))
+    marking = work / ".pruned.pre-0badcafe"  # killed while it marked its folder: the mark names a gone writer
+    marking.mkdir()
+    (marking / ".workbench-partial").write_text(json.dumps({"host": socket.gethostname(), "pid": pid.pid}))
+    unmarked = work / ".pruned.pre-00c0ffee"  # killed before it wrote the mark, a minute ago
+    unmarked.mkdir()
+    os.utime(unmarked, (time.time() - 120, time.time() - 120))
+    fresh = work / ".pruned.pre-0000beef"  # just made by a writer about to mark it: kept
+    fresh.mkdir()
     mine = work / ".pruned.tmp-notours"  # not our naming: never touched
     mine.mkdir()
     done = workbench("run", "fast.toml", "--out", "pruned", home=home, cwd=work)
     assert done.code == 0, done.err
     assert not stale.exists() and mine.is_dir()
+    assert not marking.exists() and not unmarked.exists() and fresh.is_dir()
     assert (work / "pruned" / "compression.json").is_file()
 
 
