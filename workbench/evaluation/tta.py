@@ -228,11 +228,8 @@ class Adapter:
         """The adaptation loss of one query, ``score()`` computing its scores with gradients."""
         if self.config.mode == "tent":
             return tent_loss(score())
-        if self.config.ce:
+        with torch.no_grad():  # the clean prediction is the target (and the pseudo-label): no gradient through it
             clean = score()
-        else:
-            with torch.no_grad():
-                clean = score()
         self.perturbing = True
         try:
             perturbed = score()
