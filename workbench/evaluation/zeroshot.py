@@ -23,6 +23,7 @@ use :func:`check_task_name`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -83,10 +84,19 @@ def _quiet_lm_eval():
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    # lm-eval bootstraps perplexity-type standard errors in a forked multiprocessing pool; forking a process that
+    # runs torch's threads (and the worker's) can deadlock, so the single-process path is used (the same seeds,
+    # hence the same numbers)
+    multiproc = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
     try:
         yield
     finally:
         logger.setLevel(level)
+        if multiproc is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = multiproc
 
 
 def _hub_failure(exc: BaseException) -> bool:
