@@ -15,20 +15,13 @@ from workbench.evaluation import icl
 from workbench.evaluation.icl_data import DATASETS, DataSet, Example, get_dataset, query_subset, read_examples
 from workbench.spec import spec_from_dict
 
+from tiny_models import tiny_llama
+
 
 @pytest.fixture(scope="module")
 def tiny(one_thread):
     """A small random Llama with the demo tokenizer: fast, deterministic, and its predictions are not the gold labels."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from workbench.models import DEMO_MODEL_DIR
-
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=256, pad_token_id=1, bos_token_id=0, eos_token_id=0)
-    model = LlamaForCausalLM(config).eval()
-    return model, tokenizer
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")

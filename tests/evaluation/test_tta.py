@@ -10,19 +10,13 @@ from workbench.evaluation import icl, tta
 from workbench.evaluation.icl_data import DATASETS, query_subset, read_examples
 from workbench.evaluation.tta import Adapter, TTAConfig
 
+from tiny_models import tiny_llama
+
 
 @pytest.fixture(scope="module")
 def tiny(one_thread):
     """A small random Llama with the demo tokenizer, its norms moved off 1 so that adapting them is visible."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from workbench.models import DEMO_MODEL_DIR
-
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=512, pad_token_id=1, bos_token_id=0, eos_token_id=0)
-    model = LlamaForCausalLM(config).eval()
+    model, tokenizer = tiny_llama(max_position_embeddings=512)
     with torch.no_grad():
         for p in tta.norm_parameters(model):
             p.mul_(1 + 0.1 * torch.randn_like(p))

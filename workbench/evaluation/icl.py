@@ -30,7 +30,7 @@ import re
 import statistics
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -38,7 +38,9 @@ import torch.nn.functional as F
 
 from workbench.errors import Cancelled, UserError
 
+from . import shifts as shifting
 from .icl_data import MODES, RETRIEVERS, DataSet, Example, check_k_memory, get_dataset, query_subset, read_examples
+from .tta import Adapter, TTAConfig
 
 DEMO_SEPARATOR = "\n\n"
 BM25_K1, BM25_B = 1.5, 0.75
@@ -150,6 +152,22 @@ def top_k(scores: list[float], k: int) -> list[int]:
 # ----------------------------------------------------------------------------- the runner
 
 
+def continuation_logprobs(model, rows: list[list[int]], spans: list[tuple[int, int, list[int]]], device,
+                          pad: int = 0) -> torch.Tensor:
+    """Summed log-probability of each span's tokens, in one forward pass over the right-padded ``rows`` (differentiable).
+
+    A span ``(row, start, tokens)`` reads its tokens' log-probabilities at
+    positions ``start``, ``start + 1``... of that row (the position before
+    each token). With causal attention, padding after a position never
+    changes that position's logits, so no attention mask is needed.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+    return torch.stack([logp[row, torch.arange(start, start + len(tokens), device=logp.device),
+                             torch.tensor(tokens, device=logp.device)].sum() for row, start, tokens in spans])
+
+
 class ICLRunner:
     """Scores label words after prompts for one model and one data set."""
 
@@ -221,18 +239,9 @@ class ICLRunner:
         choice: each choice's length in bytes) each sum is divided by its norm.
         """
         longer = [c for c in conts if len(c) > 1] or [[]]
-        rows = [ctx + c[:-1] for c in longer]
-        width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
-        logp = F.log_softmax(self.model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-        start = len(ctx) - 1
-        out = []
-        for cont in conts:
-            row = longer.index(cont) if len(cont) > 1 else 0
-            positions = torch.arange(start, start + len(cont), device=logp.device)
-            out.append(logp[row, positions, torch.tensor(cont, device=logp.device)].sum())
-        out = torch.stack(out)
+        spans = [(longer.index(cont) if len(cont) > 1 else 0, len(ctx) - 1, cont) for cont in conts]
+        out = continuation_logprobs(self.model, [ctx + c[:-1] for c in longer], spans, self.device, pad)
         if norms is not None:
             out = out / torch.tensor(norms, dtype=out.dtype, device=out.device)
         return out.cpu()
@@ -357,9 +366,6 @@ def evaluate_dataset(model, tokenizer, name: str, configs: list[ICLConfig], seed
     evaluation of the same mode when that ran too. ``on_result`` is called
     with each result as soon as it is measured (the TUI's table fills live).
     """
-    from . import shifts as shifting
-    from .tta import Adapter, TTAConfig
-
     base, shifts = shifting.parse_set_name(name)
     dataset = get_dataset(base, labels, template)
     adaptations = sorted(adaptations or [TTAConfig()], key=lambda t: t.mode != "none")  # the plain timing first
@@ -418,7 +424,7 @@ def evaluate_dataset(model, tokenizer, name: str, configs: list[ICLConfig], seed
                      "tta": tta.mode, "seconds_per_query": per_query,
                      "time_ratio": per_query / plain_time if plain_time else None}
             if tta.mode != "none":
-                extra["tta_settings"] = {k: v for k, v in asdict(tta).items() if k != "mode"}
+                extra["tta_settings"] = tta.settings()
                 extra["tta_steps_taken"] = steps
             results.append({"name": "icl_acc", "dataset": label, "value": statistics.fmean(accs), "stderr": None,
                             "samples": len(positions), "limit": limit, "extra": extra})
@@ -432,12 +438,3 @@ def configs_from_spec(e) -> list[ICLConfig]:
     return [ICLConfig(mode=m, k=e.icl_k, memory=e.icl_memory, retriever=e.icl_retriever, max_entropy=e.icl_max_entropy)
             for m in e.icl_modes]
 
-
-def adaptations_from_spec(e) -> list:
-    """One TTAConfig per mode of an EvalSpec's ``tta``, with its ``tta_*`` and ``pcl_*`` settings."""
-    from .tta import TTAConfig
-
-    return [TTAConfig(mode=m, steps=e.tta_steps, lr=e.tta_lr, batch=e.tta_batch, episodic=e.tta_episodic, params=e.tta_params,
-                      lora_rank=e.tta_lora_rank, lora_targets=list(e.tta_lora_targets), where=e.pcl_where, how=e.pcl_how,
-                      strength=e.pcl_strength, ce=e.pcl_ce)
-            for m in (e.tta or ["none"])]

@@ -24,6 +24,10 @@ from pathlib import Path
 
 from workbench.errors import UserError
 
+from .book_task import items as book_items
+from .shifts import parse_set_name
+from .tta_settings import check as check_tta, configs_from_spec as tta_configs
+
 DATA = Path(__file__).resolve().parents[1] / "assets" / "classification"
 MODES = ("zeroshot", "fewshot", "dail")
 RETRIEVERS = ("bm25", "hidden")
@@ -139,9 +143,7 @@ def read_examples(ds: DataSet, split: str = "test") -> list[Example]:
                         f"use icl_modes zeroshot or dail for {ds.name}; few-shot needs one of: "
                         f"{', '.join(n for n, d in DATASETS.items() if d.train)}")
     if ds.reader == "books":
-        from .book_task import items
-
-        return [Example({"context": it["context"]}, it["label"], tuple(it["choices"])) for it in items()]
+        return [Example({"context": it["context"]}, it["label"], tuple(it["choices"])) for it in book_items()]
     path = Path(name).expanduser() if ds.reader == "jsonl" else DATA / name
     text = _open(path, ds.encoding)
     out: list[Example] = []
@@ -195,8 +197,6 @@ def check_icl_settings(e, where: str = "evaluate") -> None:
             raise UserError(f"{where}.icl_modes: {mode!r} is not a mode", f"allowed: {', '.join(MODES)}")
     if e.icl and not e.icl_modes:
         raise UserError(f"{where}.icl_modes is empty", f"pick one or more of: {', '.join(MODES)}")
-    from .shifts import parse_set_name
-
     for shifted in e.icl:
         name, _ = parse_set_name(shifted, f"{where}.icl")
         if name in DATASETS and DATASETS[name].multiple_choice and set(e.icl_modes) - {"zeroshot"}:
@@ -238,13 +238,9 @@ def check_icl_settings(e, where: str = "evaluate") -> None:
 
 def check_tta_settings(e, where: str = "evaluate") -> None:
     """The ``tta`` and ``pcl_*`` settings: modes and ranges, and something to adapt on."""
-    from .tta_settings import TTAConfig, check
-
     modes = list(e.tta) or ["none"]
-    for mode in modes:
-        check(TTAConfig(mode=mode, steps=e.tta_steps, lr=e.tta_lr, batch=e.tta_batch, episodic=e.tta_episodic,
-                        params=e.tta_params, lora_rank=e.tta_lora_rank, lora_targets=list(e.tta_lora_targets),
-                        where=e.pcl_where, how=e.pcl_how, strength=e.pcl_strength, ce=e.pcl_ce), where)
+    for config in tta_configs(e):
+        check_tta(config, where)
     if set(modes) - {"none"} and not (e.icl or e.zeroshot):
         what = "perplexity only" if e.perplexity else "nothing else"
         raise UserError(f"{where}.tta = {modes} adapts on classification sets or multiple-choice tasks, but this evaluation "

@@ -101,7 +101,7 @@ def _kind(metric: dict | None) -> str:
 
 
 def _adapted(metric: dict | None) -> bool:
-    """An ICL accuracy measured with test-time adaptation (its row has a time-ratio row beside it)."""
+    """An accuracy (ICL or zero-shot) measured with test-time adaptation (its row has a time-ratio row beside it)."""
     return (((metric or {}).get("extra") or {}).get("tta") or "none") != "none"
 
 

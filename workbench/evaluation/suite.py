@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from workbench.events import Progress
 
+from .tta_settings import configs_from_spec as tta_configs
+
 
 def requested(e) -> bool:
     return bool(e.zeroshot or e.icl or e.efficiency)
@@ -30,8 +32,7 @@ class Prepared:
 
 def prepare(e) -> Prepared:
     """Load what the evaluations read, so bad input is reported before the model is run."""
-    from .icl_data import get_dataset, read_examples
-    from .shifts import parse_set_name
+    from .icl_data import get_dataset, parse_set_name, read_examples
 
     tasks = None
     if e.zeroshot:
@@ -71,37 +72,34 @@ def _record(run, phase: str, results: list[dict]) -> None:
                         "extra": r.get("extra", {})})
 
 
+def _adapting(e) -> str:
+    """What a stage's title adds when the evaluation adapts at test time."""
+    return f", test-time adaptation: {', '.join(e.tta)}" if set(e.tta) - {"none"} else ""
+
+
 def _zeroshot(run, phase: str, prepared: Prepared) -> None:
-    from .icl import adaptations_from_spec
     from .zeroshot import evaluate_tasks
 
     e = run.spec.evaluate
     stage = f"zeroshot:{phase}"
-    title = f"Zero-shot tasks ({phase_label(phase)}): {', '.join(e.zeroshot)}"
-    if set(e.tta) - {"none"}:
-        title += f", test-time adaptation: {', '.join(e.tta)}"
-    with run.stage(stage, title):
+    with run.stage(stage, f"Zero-shot tasks ({phase_label(phase)}): {', '.join(e.zeroshot)}{_adapting(e)}"):
         results = evaluate_tasks(run.loaded.model, run.loaded.tokenizer, list(e.zeroshot), limit=e.zeroshot_limit,
                                  batch_size=e.batch_size, progress=_progress(run, stage), cancel=run.cancel, tasks=prepared.tasks,
-                                 adaptations=adaptations_from_spec(e))
+                                 adaptations=tta_configs(e))
     _record(run, phase, results)
 
 
 def _icl(run, phase: str) -> None:
-    from .icl import adaptations_from_spec, configs_from_spec, evaluate_dataset
+    from .icl import configs_from_spec, evaluate_dataset
 
     e = run.spec.evaluate
     stage = f"icl:{phase}"
-    adapting = [m for m in e.tta if m != "none"]
-    title = f"In-context learning ({phase_label(phase)}): {', '.join(e.icl)} x {', '.join(e.icl_modes)}"
-    if adapting:
-        title += f", test-time adaptation: {', '.join(e.tta)}"
-    with run.stage(stage, title):
+    with run.stage(stage, f"In-context learning ({phase_label(phase)}): {', '.join(e.icl)} x {', '.join(e.icl_modes)}{_adapting(e)}"):
         for name in e.icl:  # each mode's result is recorded as soon as it is measured
             evaluate_dataset(run.loaded.model, run.loaded.tokenizer, name, configs_from_spec(e), seeds=e.icl_seeds,
                              limit=e.icl_limit, labels=e.icl_labels, template=e.icl_template,
                              context_length=run.context_seqlen(), progress=_progress(run, stage), cancel=run.cancel,
-                             adaptations=adaptations_from_spec(e), on_result=lambda r: _record(run, phase, [r]))
+                             adaptations=tta_configs(e), on_result=lambda r: _record(run, phase, [r]))
 
 
 def _efficiency(run, phase: str, device) -> None:

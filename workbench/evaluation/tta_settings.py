@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from workbench.errors import UserError
 
@@ -28,6 +28,18 @@ class TTAConfig:
     how: str = "dropout"
     strength: float = 0.1
     ce: float = 0.0
+
+    def settings(self) -> dict:
+        """Everything but the mode, as a result's ``extra`` records it."""
+        return {k: v for k, v in asdict(self).items() if k != "mode"}
+
+
+def configs_from_spec(e) -> list[TTAConfig]:
+    """One TTAConfig per mode of an EvalSpec's ``tta`` (none when empty), with its ``tta_*`` and ``pcl_*`` settings."""
+    return [TTAConfig(mode=m, steps=e.tta_steps, lr=e.tta_lr, batch=e.tta_batch, episodic=e.tta_episodic, params=e.tta_params,
+                      lora_rank=e.tta_lora_rank, lora_targets=list(e.tta_lora_targets), where=e.pcl_where, how=e.pcl_how,
+                      strength=e.pcl_strength, ce=e.pcl_ce)
+            for m in (e.tta or ["none"])]
 
 
 def check(config: TTAConfig, where: str = "evaluate") -> None:

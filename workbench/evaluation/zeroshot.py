@@ -25,8 +25,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -192,8 +193,7 @@ def _in_memory_lm(model, tokenizer, batch_size: int, progress: Callable | None, 
 
         def choice_scores(self, pairs):
             """Summed log-probability of each (context, continuation), with gradients, in one right-padded forward."""
-            import torch
-            import torch.nn.functional as F
+            from .icl import continuation_logprobs
 
             rows, spans = [], []
             for context, continuation in pairs:
@@ -201,12 +201,8 @@ def _in_memory_lm(model, tokenizer, batch_size: int, progress: Callable | None, 
                              else ([self.prefix_token_id], self.tok_encode(continuation)))
                 full = (ctx + cont)[-(self.max_length + 1):]
                 rows.append(full[:-1])
-                spans.append((len(full) - 1 - len(cont), cont))
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.model.device)
-            logp = F.log_softmax(self.model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-            return torch.stack([logp[k, torch.arange(start, start + len(cont), device=logp.device),
-                                     torch.tensor(cont, device=logp.device)].sum() for k, (start, cont) in enumerate(spans)])
+                spans.append((len(rows) - 1, len(full) - 1 - len(cont), cont))
+            return continuation_logprobs(self.model, rows, spans, self.model.device)
 
     return InMemoryLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
 
@@ -253,7 +249,7 @@ def evaluate_tasks(model, tokenizer, names: list[str], limit: int | None = None,
     ``NAME+MODE`` (seed 0), with the seconds per document and the ratio to
     the plain evaluation in ``extra``.
     """
-    from .tta import TTAConfig
+    from .tta_settings import TTAConfig
 
     results: list[dict] = []
     plain: dict[str, float] = {}
@@ -265,9 +261,6 @@ def evaluate_tasks(model, tokenizer, names: list[str], limit: int | None = None,
 
 def _evaluate_tasks(model, tokenizer, names, limit, batch_size, progress, cancel, tasks, tta, plain: dict) -> list[dict]:
     """Every task once, with one adaptation mode (``plain`` collects the unadapted seconds per document by task)."""
-    import time
-    from contextlib import nullcontext
-
     from lm_eval.defaults import DEFAULT_OTHER_SEED
     from lm_eval.evaluator import evaluate
 
@@ -304,7 +297,7 @@ def _evaluate_tasks(model, tokenizer, names, limit, batch_size, progress, cancel
                                        "time_ratio": per_doc / plain[dataset] if dataset in plain else None})
                     if tta.mode != "none":
                         m["dataset"] = f"{dataset}+{tta.mode}"
-                        m["extra"]["tta_settings"] = {k: v for k, v in asdict(tta).items() if k != "mode"}
+                        m["extra"]["tta_settings"] = tta.settings()
                         m["extra"]["tta_steps_taken"] = adapter.steps_taken
                 results.extend(metrics)
     return results
