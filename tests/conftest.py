@@ -29,7 +29,7 @@ def one_thread():
 
 
 # Each folder is an area of the product; its name is a marker (``-m tui``, ``-m "engine and not slow"``).
-AREAS = ("engine", "lowrank", "structured", "data", "evaluation", "cli", "workers", "tui", "reliability", "project")
+AREAS = ("engine", "lowrank", "structured", "quantization", "data", "evaluation", "cli", "workers", "tui", "reliability", "project")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -274,7 +274,8 @@ class Run:
             dtype = getattr(torch, x.dtype)
         with self.stage("export", f"Saving to {out}"):
             path = export_model(self.loaded.model, self.loaded.tokenizer, out, self.build_summary(exported=str(out)),
-                                dtype=dtype, overwrite=x.overwrite, log=lambda message: self.emit(Log(message=message)))
+                                dtype=dtype, overwrite=x.overwrite, log=lambda message: self.emit(Log(message=message)),
+                                format=x.format)
         return str(path)
 
     def build_summary(self, exported: str | None = None) -> dict:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from workbench.errors import RunError, UserError
+from workbench.spec.schema import EXPORT_FORMATS
 from workbench.files import (EXPORTED_BY, INFO_FILE, PARTIAL_MARK, check_export_target, move_into_place,
                              new_temp_folder, prepare_export_target, read_export_info)
 
@@ -124,7 +125,20 @@ def _info_text(payload: dict) -> str:
         raise UserError(f"export info cannot be written as JSON: {exc}", hint="pass plain values in info") from exc
 
 
-def export_model(model, tokenizer, out_dir, info: dict, dtype=None, overwrite: bool = False, log=None) -> Path:
+def export_format(model, asked: str) -> str:
+    """The format an export is written in: ``auto`` is compressed-tensors for a quantized model, else dense."""
+    from workbench.quantization.export import has_quantized
+
+    if asked == "auto":
+        return "compressed-tensors" if has_quantized(model) else "dense"
+    if asked == "compressed-tensors" and not has_quantized(model):
+        raise UserError("export.format = \"compressed-tensors\" needs a quantized model",
+                        "add a quantize step, or export with format = \"dense\"")
+    return asked
+
+
+def export_model(model, tokenizer, out_dir, info: dict, dtype=None, overwrite: bool = False, log=None,
+                 format: str = "auto") -> Path:
     """Save ``model`` and ``tokenizer`` to ``out_dir`` with ``compression.json``; return the folder.
 
     ``info`` (run spec, per-layer sparsity, metrics, timings...) is written as
@@ -137,12 +151,17 @@ def export_model(model, tokenizer, out_dir, info: dict, dtype=None, overwrite: b
     as it is. ``out_dir`` may be new, empty, or an earlier export when
     ``overwrite``; anything else is a UserError before any work. ``log(message)``
     hears about stale temporary folders cleaned up beside the target.
+    ``format``: ``dense`` (every weight as a plain tensor: a quantized model's
+    dequantized weights), ``compressed-tensors`` (a quantized model's packed
+    codes, scales and ``quantization_config``: ``workbench.quantization.export``)
+    or ``auto`` (compressed-tensors exactly when the model is quantized).
 
     Atomic: a failure leaves no partial folder and any previous ``out_dir`` untouched.
     """
     out_dir = Path(os.fspath(out_dir)).expanduser().absolute()
     prepare_export_target(out_dir, overwrite, log)
     target_dtype = _resolve_dtype(dtype)
+    fmt = export_format(model, format)
     if info is None:
         info = {}
     if not isinstance(info, dict):
@@ -165,7 +184,15 @@ def export_model(model, tokenizer, out_dir, info: dict, dtype=None, overwrite: b
     tmp = new_temp_folder(parent, out_dir.name, "tmp")
     try:
         model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        if target_dtype is not None and target_dtype != model_dtype:
+        if fmt == "compressed-tensors":
+            from workbench.quantization.export import compressed_state_dict, write_config
+
+            state_dict, qconfig = compressed_state_dict(model, target_dtype, log)
+            model.save_pretrained(tmp, state_dict=state_dict)
+            if target_dtype is not None:
+                _fix_config_dtype(tmp, target_dtype)
+            write_config(tmp, qconfig)
+        elif target_dtype is not None and target_dtype != model_dtype:
             model.save_pretrained(tmp, state_dict=_cast_state_dict(model, target_dtype))
             _fix_config_dtype(tmp, target_dtype)
         else:
@@ -190,4 +217,4 @@ def export_model(model, tokenizer, out_dir, info: dict, dtype=None, overwrite: b
     return out_dir
 
 
-__all__ = ["export_model", "check_export_target", "read_export_info", "INFO_FILE"]
+__all__ = ["export_model", "export_format", "EXPORT_FORMATS", "check_export_target", "read_export_info", "INFO_FILE"]

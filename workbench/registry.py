@@ -22,7 +22,9 @@ needs about a type, so nothing else keeps a table of step types:
   each, ``"module:function"`` that applies it when the checkpoint is loaded
   again (``workbench.rebuild``);
 - ``gradients``: the runner trains (needs autograd); every other step runs
-  under ``torch.no_grad()``.
+  under ``torch.no_grad()``;
+- ``refuses_after``: step types this one cannot follow in a spec (a pruning
+  step cannot change a model already quantized), refused before loading.
 
 ``FAMILIES`` lists the family modules; adding a family is one line there.
 """
@@ -35,7 +37,8 @@ from typing import Callable
 
 from .errors import UserError
 
-FAMILIES = ("workbench.pruning.family", "workbench.lowrank.family", "workbench.structured.family")
+FAMILIES = ("workbench.pruning.family", "workbench.lowrank.family", "workbench.structured.family",
+            "workbench.quantization.family")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class StepType:
     structures: dict[str, str] = field(default_factory=dict)
     description: str = ""
     gradients: bool = False  # the runner computes gradients (a training step); others run under torch.no_grad()
+    refuses_after: tuple[str, ...] = ()  # step types this one cannot follow
 
     def run(self, ctx, step) -> dict:
         return load(self.runner)(ctx, step)

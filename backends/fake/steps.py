@@ -59,6 +59,34 @@ def prune(run, index: int, step) -> tuple[dict, float]:
     return report, target
 
 
+def quantize(run, index: int, step) -> tuple[dict, float]:
+    """A quantize step: one LayerDone per layer with a relative output error that grows with depth, and the engine's
+    report (scheme, bits per weight, per-layer modules, what stays in 16 bits)."""
+    name = f"{step.type}:{index}"
+    bits = 8 if step.weights == "fp8" else step.bits
+    per_weight = bits + (16 + (0 if step.symmetric or step.weights == "fp8" else bits)) / (step.group_size or HIDDEN)
+    report = {"type": step.type, "label": step.label(), "method": step.method, "scheme": step.scheme, "weights": step.weights,
+              "bits": bits, "group_size": step.group_size, "symmetric": step.symmetric, "layers": []}
+    base = 0.004 * 2 ** (8 - bits) / 16
+
+    def layer(i: int) -> None:
+        error = base * (1 + 0.1 * i)
+        modules = {n: {"shape": s, "numel": s[0] * s[1], "zeros": 0, "sparsity": 0.0, "bits": per_weight, "error": error}
+                   for n, s in run.shapes.items()}
+        report["layers"].append({"layer": i, "target": 0.0, "value": error, "sparsity": 0.0, "modules": modules,
+                                 "seconds": run.options.delay})
+        run.emit(LayerDone(stage=name, layer=i, total=run.layers, sparsity=0.0, target=0.0, seconds=run.options.delay,
+                           modules=modules, value=error))
+
+    run.stage(name, f"Quantizing: {step.label()}", run.layers, layer, failing=True)
+    numel = run.layers * sum(o * i for o, i in run.shapes.values())
+    report.update(seconds=run.timings[name], quantized_params=numel, bits_per_weight=per_weight, sparsity=0.0,
+                  kept_16bit=["embeddings", "lm_head"], error=sum(e["value"] for e in report["layers"]) / run.layers,
+                  headline={"bits per weight": f"{per_weight:.3f} over {numel:,} linear weights"})
+    run.emit(Log(message=f"{step.label()}: {report['headline']['bits per weight']}"))
+    return report, 0.0
+
+
 # ---------------------------------------------------------------- low-rank
 def lowrank_modules(run, retention: float) -> dict:
     """Per linear of a layer that keeps ``retention`` of its linear parameters: rank, parameters, fraction retained.

@@ -123,6 +123,15 @@ class ModelAdapter:
         return self.model.config
 
     @property
+    def quantization(self) -> dict | None:
+        """The quantization_config of a quantized checkpoint (loaded dequantized), or None."""
+        loaded = getattr(self.model, "workbench_quantized", None)
+        if loaded is not None:
+            return loaded
+        config = getattr(self.config, "quantization_config", None)
+        return config if config is None or isinstance(config, dict) else getattr(config, "to_dict", lambda: {"quant_method": "?"})()
+
+    @property
     def layers(self) -> nn.ModuleList:
         return self._layers
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,11 +202,19 @@ def load_model(
     kwargs: dict[str, Any] = {"config": config, "dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if kind != "hub" and any(Path(source).glob("*.safetensors")):
         kwargs["use_safetensors"] = True
+    qconfig = getattr(config, "quantization_config", None)
+    if isinstance(qconfig, dict) and qconfig.get("quant_method") == "compressed-tensors":
+        # a quantized export: its weights dequantized on load, so every evaluation and step reads plain tensors
+        from transformers import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
         if kind != "hub" and needs_rebuild(source):
             model = rebuild_model(source, config, dtype=torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*quantization_config.*")  # the dequantize request above, said
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
         damaged = _damaged_weight_files(Path(source)) if kind != "hub" else []
         if damaged:
@@ -219,6 +228,8 @@ def load_model(
                           "the folder needs model.safetensors (or sharded safetensors with their index) "
                           "matching config.json") from exc
     model.eval()
+    if "quantization_config" in kwargs:
+        model.workbench_quantized = qconfig  # what the checkpoint was (its config no longer says, once dequantized)
     adapter = get_adapter(model)
     return LoadedModel(
         model=model,

@@ -145,6 +145,7 @@ register(StepType(
     check="workbench.pruning.runner:check",
     fake="workbench.backends.fake.steps:prune",
     description="Remove individual weights (magnitude, Wanda, SparseGPT), unstructured or N:M.",
+    refuses_after=("quantize",),
 ))
 
 __all__ = ["PruneStep", "PruneMethod", "METHODS", "PRUNE_METHODS", "ALLOCATIONS", "SCOPES", "validate_prune_step", "plan"]

@@ -158,6 +158,9 @@ def run_step(ctx, step: PruneStep) -> dict:
 def check(facts, step: PruneStep, where: str) -> None:
     """What only the model can judge, right after loading: a tied LM head, N:M against the input sizes."""
     adapter = facts.adapter
+    if adapter.quantization is not None:
+        raise UserError(f"{where}: the model is quantized (its config.json has a quantization_config); pruning would break its grid",
+                        "prune the unquantized checkpoint, then quantize (or prune and quantize in one quantize step)")
     if step.include_lm_head and adapter.tied_lm_head:
         raise UserError(f"{where}: the LM head shares its weights with the input embeddings",
                         "leave include_lm_head off for this model")

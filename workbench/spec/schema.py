@@ -93,12 +93,16 @@ class EvalSpec:
     efficiency: bool = False  # parameters, size, prefill tokens/s, decode latency, peak memory
 
 
+EXPORT_FORMATS = ("auto", "dense", "compressed-tensors")
+
+
 @dataclass
 class ExportSpec:
     save: bool = False
     out: str | None = None  # None: a folder in the run's directory
     dtype: str = "auto"  # auto: the checkpoint's dtype
     overwrite: bool = False  # replace an earlier workbench export at ``out`` (never any other folder)
+    format: str = "auto"  # auto | dense | compressed-tensors (auto: compressed-tensors for a quantized model)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from workbench.errors import UserError
 from workbench.registry import step_type
 
 from .checks import choice as _choice
-from .schema import DTYPES, NESTED_TABLES, SECTIONS, EvalSpec, RunSpec, SelfGenSpec
+from .schema import DTYPES, EXPORT_FORMATS, NESTED_TABLES, SECTIONS, EvalSpec, RunSpec, SelfGenSpec
 
 _TOP_KEYS = ("name", "description", "reference")
 
@@ -143,6 +143,7 @@ def validate(spec: RunSpec) -> RunSpec:
 
     for i, step in enumerate(spec.steps):
         step.validate(f"steps.{i}")
+    check_order(spec.steps)
 
     e = spec.evaluate
     for ds in e.perplexity:
@@ -155,7 +156,24 @@ def validate(spec: RunSpec) -> RunSpec:
         raise UserError(f"evaluate.batch_size = {e.batch_size} must be at least 1", "try 4")
     validate_evaluate(e)
     _choice("export.dtype", spec.export.dtype, DTYPES)
+    _choice("export.format", spec.export.format, EXPORT_FORMATS)
+    if spec.export.format == "compressed-tensors" and not any(step.type == "quantize" for step in spec.steps):
+        raise UserError("export.format = \"compressed-tensors\" needs a quantize step", "add a quantize step, or use format = \"auto\"")
     return spec
+
+
+def check_order(steps: list) -> None:
+    """A step may not follow a step type its registry entry refuses (a pruning step after quantization)."""
+    seen: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        entry = step_type(step.type, f"steps.{i}")
+        for earlier in entry.refuses_after:
+            if earlier in seen:
+                raise UserError(f"steps.{i} ({step.type}) cannot follow steps.{seen[earlier]} ({earlier}): the model is already quantized"
+                                if earlier == "quantize" else f"steps.{i} ({step.type}) cannot follow steps.{seen[earlier]} ({earlier})",
+                                "put the quantize step last (prune first, then quantize), or prune and quantize in one sweep "
+                                "with the quantize step's sparsity or pattern (method = \"gptq\")")
+        seen.setdefault(step.type, i)
 
 
 def validate_evaluate(e: EvalSpec, where: str = "evaluate") -> None:

@@ -1,0 +1,1 @@
+"""Weight quantization: RTN, GPTQ and AWQ-style scaling, and compressed-tensors exports."""
