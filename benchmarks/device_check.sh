@@ -3,7 +3,7 @@
 # random bf16 model with 128 x 2048 calibration tokens, then the demo model). Results land
 # in $OUT (default benchmarks/out); the benchmark rewrites its JSON after every row. Then the
 # 2:4 semi-structured tests and the dense vs 2:4 prefill benchmark of a 7B-shaped model; then the
-# test-time adaptation latency (none / Tent / PCL) on the same shape.
+# test-time adaptation latency (none / Tent / PCL) on the same shape; then GPTQ on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -17,3 +17,5 @@ python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_efficiency.py 
 python3 benchmarks/eval_bench.py --llama7b --skip zeroshot,dail --json "$OUT/eval_bench.json" 2>&1 | tee "$OUT/eval_bench.txt"
 # test-time adaptation: per-query latency of none / Tent / PCL on a 7B-shaped random bf16 model
 python3 benchmarks/tta_bench.py --shape 7b --device cuda --dtype bfloat16 --queries 16 --json "$OUT/tta_bench.json" 2>&1 | tee "$OUT/tta_bench.txt"
+# quantization: GPTQ W4 g128 on a 7B-shaped random bf16 model (128 x 2048 tokens, one layer resident), time and peak memory
+python3 benchmarks/quant_bench.py --llama7b --json "$OUT/quant_bench.json" 2>&1 | tee "$OUT/quant_bench.txt"

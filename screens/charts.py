@@ -115,20 +115,21 @@ class LayerChart(Chart):
 
     def on_resize(self, event) -> None:
         if self._args is not None:  # the gaps depend on the width: draw the same data again
-            values, total, target, title, ylabel = self._args
-            self.update_layers(values, total=total, target=target, title=title, ylabel=ylabel)
+            values, total, target, title, ylabel, unit_range = self._args
+            self.update_layers(values, total=total, target=target, title=title, ylabel=ylabel, unit_range=unit_range)
 
     def update_layers(self, values: Sequence[float | None], *, total: int | None = None, target: float | None = None,
-                      title: str = "sparsity per layer", ylabel: str = "sparsity") -> None:
+                      title: str = "sparsity per layer", ylabel: str = "sparsity", unit_range: bool = True) -> None:
         """Bars at the layers with a value (``None``: not done yet).
 
         ``total`` (the model's layer count) fixes the x axis at 0..total-1
         from the start, so the chart fills in; ``target`` draws a horizontal
-        line; the y axis spans 0..1 when every value (and the target) does.
+        line; the y axis spans 0..1 when every value (and the target) does,
+        unless ``unit_range`` is off (small values such as errors get their own scale).
         """
         values = list(values)
-        self._args = (values, total, target, title, ylabel)
-        if not self.changed((tuple(values), total, target, title, ylabel, self.size.width)):
+        self._args = (values, total, target, title, ylabel, unit_range)
+        if not self.changed((tuple(values), total, target, title, ylabel, unit_range, self.size.width)):
             return
         bars = [(i, float(v)) for i, v in enumerate(values) if v is not None]
         if not bars:
@@ -144,7 +145,7 @@ class LayerChart(Chart):
         plt.xticks(ticks, [str(t) for t in ticks])
         if target is not None:
             plt.hline(target)
-        if all(0.0 <= y <= 1.0 for y in ys + ((target,) if target is not None else ())):
+        if unit_range and all(0.0 <= y <= 1.0 for y in ys + ((target,) if target is not None else ())):
             plt.ylim(0, 1)
             plt.yticks([0, 0.5, 1])
         else:

@@ -48,6 +48,7 @@ from workbench.evaluation.tta_settings import HOW as PCL_HOW, MODES as TTA_MODES
 from workbench.evaluation.zeroshot import BUNDLED_TASKS
 from workbench.files import is_export
 from workbench.spec import DTYPES, EVAL_DATASETS_BUILTIN, EvalSpec, ExportSpec, spec_from_dict
+from workbench.spec.schema import EXPORT_FORMATS
 
 from .base import WorkbenchScreen
 from .protocol import protocol_text
@@ -371,6 +372,10 @@ class EvaluateScreen(WorkbenchScreen):
                         yield Label("dtype")
                         yield Select([(d, d) for d in DTYPES], value="auto", allow_blank=False, compact=True,
                                      id="run-dtype")
+                    with Horizontal(classes="eval-field"):
+                        yield Label("format")
+                        yield Select([(f, f) for f in EXPORT_FORMATS], value="auto", allow_blank=False, compact=True,
+                                     id="run-format")
                     yield Check("overwrite an earlier workbench export in that folder", compact=True, id="run-overwrite")
                     yield Static("", id="run-out-note", classes="eval-sub")
                     yield Static("", id="run-problem")
@@ -495,6 +500,7 @@ class EvaluateScreen(WorkbenchScreen):
             self._set(self.query_one("#run-save", Checkbox), x["save"] is True)
             self._set(self.query_one("#run-out", Input), str(x["out"] or ""))
             self._set(self.query_one("#run-dtype", Select), x["dtype"] if x["dtype"] in DTYPES else "auto")
+            self._set(self.query_one("#run-format", Select), x["format"] if x["format"] in EXPORT_FORMATS else "auto")
             self._set(self.query_one("#run-overwrite", Checkbox), x["overwrite"] is True)
         finally:
             self._filling = False
@@ -514,6 +520,7 @@ class EvaluateScreen(WorkbenchScreen):
         export = {"save": self.query_one("#run-save", Checkbox).value,
                   "out": self.query_one("#run-out", Input).value.strip() or None,
                   "dtype": self.query_one("#run-dtype", Select).value,
+                  "format": self.query_one("#run-format", Select).value,
                   "overwrite": self.query_one("#run-overwrite", Checkbox).value}
         return evaluate, {k: v for k, v in export.items() if v is not None}
 

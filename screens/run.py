@@ -305,6 +305,10 @@ class RunScreen(WorkbenchScreen):
             if quantity == "retained":
                 self.query_one(LayerChart).update_layers(values, total=total, target=target, title="rank ratio per layer",
                                                          ylabel="retained")
+            elif quantity == "qerror":
+                self.query_one(LayerChart).update_layers(values, total=total, target=None,
+                                                         title="quantization output error per layer", ylabel="relative error",
+                                                         unit_range=False)
             elif quantity == "removed":
                 self.query_one(LayerChart).update_layers(values, total=total, target=target,
                                                          title="parameters removed per layer", ylabel="removed")

@@ -156,7 +156,7 @@ class JobState:
         return max(0.0, (at - self.started) * (1 - done) / done - (now - at))
 
     def quantity(self, stage: str | None) -> str:
-        """What a stage's per-layer value is (its plan's quantity): sparsity, retained or removed."""
+        """What a stage's per-layer value is (its plan's quantity): sparsity, retained, removed or qerror."""
         return (self.plans.get(stage or "") or {}).get("quantity") or "sparsity"
 
     def layer_values(self, stage: str | None = None) -> tuple[str | None, list[float | None], int | None, float | None]:

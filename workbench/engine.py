@@ -223,6 +223,8 @@ class Run:
         with torch.set_grad_enabled(entry.gradients):
             report = entry.run(ctx, step)
         self.tokens = ctx.tokens  # a vocabulary step re-expresses the calibration windows
+        for metric in report.pop("metrics", []):  # numbers a step measures about the model (bits per weight, size)
+            self.add_metric({"phase": "after", **metric})
         self.steps.append(report)
         return report
 
@@ -276,6 +278,9 @@ class Run:
             path = export_model(self.loaded.model, self.loaded.tokenizer, out, self.build_summary(exported=str(out)),
                                 dtype=dtype, overwrite=x.overwrite, log=lambda message: self.emit(Log(message=message)),
                                 format=x.format)
+        size = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+        self.add_metric({"name": "export_bytes", "dataset": "model", "phase": "after", "value": float(size),
+                         "extra": {"kind": "efficiency", "format": x.format, "folder": str(path)}})
         return str(path)
 
     def build_summary(self, exported: str | None = None) -> dict:

@@ -48,7 +48,7 @@ class PlannedStage:
     stage: str
     title: str
     total: int | None = None
-    quantity: str | None = None  # sparsity | retained | removed: what LayerDone.value means; None: no per-layer value
+    quantity: str | None = None  # sparsity | retained | removed | qerror: what LayerDone.value means; None: no per-layer value
     target: float | None = None  # the step's target in the quantity's terms, where one value holds for every layer
 
     def to_dict(self) -> dict:

@@ -215,6 +215,10 @@ class FakeRun:
         t0 = time.perf_counter()
         report, effective = load(entry.fake)(self, index, step)
         report.setdefault("seconds", round(time.perf_counter() - t0, 3))
+        for metric in report.pop("metrics", []):  # as the engine records a step's measurements
+            metric = {"phase": "after", **metric}
+            self.metrics.append(metric)
+            self.emit(Metric(**metric))
         self.steps.append(report)
         self.effective.append(effective)
 
@@ -234,6 +238,10 @@ class FakeRun:
         info = {"run_id": self.run_id, "fake": True, "steps": [s.get("label") for s in self.steps],
                 "exported_by": f"{EXPORTED_BY} {__version__}", "files": [INFO_FILE], "versions": {"workbench": __version__}}
         (out / INFO_FILE).write_text(json.dumps(info) + "\n")
+        metric = {"name": "export_bytes", "dataset": "model", "phase": "after", "value": 0.0,
+                  "extra": {"kind": "efficiency", "format": self.spec.export.format, "folder": str(out)}}
+        self.metrics.append(metric)
+        self.emit(Metric(**metric))
         return str(out)
 
     def execute(self) -> dict:

@@ -80,11 +80,18 @@ def quantize(run, index: int, step) -> tuple[dict, float]:
 
     run.stage(name, f"Quantizing: {step.label()}", run.layers, layer, failing=True)
     numel = run.layers * sum(o * i for o, i in run.shapes.values())
-    report.update(seconds=run.timings[name], quantized_params=numel, bits_per_weight=per_weight, sparsity=0.0,
+    nm = step.nm
+    sparsity = (nm[0] / nm[1] if nm else step.sparsity) if step.joint else (run.effective[-1] if run.effective else 0.0)
+    report.update(seconds=run.timings[name], scale_dtype="bfloat16", quantized_params=numel, bits_per_weight=per_weight,
                   kept_16bit=["embeddings", "lm_head"], error=sum(e["value"] for e in report["layers"]) / run.layers,
-                  headline={"bits per weight": f"{per_weight:.3f} over {numel:,} linear weights"})
+                  headline={"bits per weight": f"{per_weight:.3f} over {numel:,} linear weights",
+                            "output error": f"{base:.4g} (mean relative, per layer)"},
+                  metrics=[{"name": "bits_per_weight", "dataset": "model", "value": per_weight,
+                            "extra": {"kind": "efficiency", "scheme": step.scheme, "quantized_params": numel}}])
+    if sparsity:
+        report["sparsity"] = sparsity
     run.emit(Log(message=f"{step.label()}: {report['headline']['bits per weight']}"))
-    return report, 0.0
+    return report, sparsity
 
 
 # ---------------------------------------------------------------- low-rank

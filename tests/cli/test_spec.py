@@ -28,6 +28,25 @@ def test_shipped_presets_validate_and_cite_their_setting():
     assert (owl.allocation, owl.sparsity, owl.owl_m, owl.owl_lambda) == ("owl", 0.7, 5.0, 0.08)
 
 
+QUANT_PRESETS = {  # name -> (method, weights, bits, group size) of its quantize step
+    "gptq-w4a16": ("gptq", "int", 4, 128), "awq-w4a16": ("awq", "int", 4, 128), "rtn-w8a16": ("rtn", "int", 8, 0),
+    "sparsegpt-2of4-w4a16": ("gptq", "int", 4, 128), "fp8-weights": ("rtn", "fp8", 4, 128),
+}
+
+
+def test_quantization_presets_validate_and_cite_their_setting():
+    for name, (method, weights, bits, group) in QUANT_PRESETS.items():
+        spec = load_preset(name)
+        assert spec.reference and spec.description, name
+        step = spec.steps[-1]
+        assert step.type == "quantize" and (step.method, step.weights, step.bits, step.group_size) == (method, weights, bits, group), name
+        assert step.symmetric  # symmetric exports load everywhere
+    two_four = load_preset("sparsegpt-2of4-w4a16").steps
+    assert [s.type for s in two_four] == ["prune", "quantize"] and two_four[0].nm == (2, 4)
+    gptq = load_preset("gptq-w4a16")
+    assert (gptq.calibration.source, gptq.calibration.nsamples, gptq.calibration.seqlen) == ("c4", 128, None)
+
+
 def test_overrides_reach_nested_keys_and_list_items():
     spec = load_preset("quickstart", ["steps.0.sparsity=0.6", "calibration.nsamples=8", "model.name=demo", 'evaluate.perplexity=["c4"]'])
     assert spec.steps[0].sparsity == 0.6

@@ -100,6 +100,10 @@ def test_the_packed_export_is_smaller_by_the_expected_ratio(tiny_folder, tmp_pat
     saved = linear * 2 - linear // 2 - (linear // 16) * 2
     linears = sum(1 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
     saved -= linears * 16
+    from workbench.evaluation.efficiency import disk_bytes
+
+    run = _run(_spec(tiny_folder, [step], tmp_path / "again"))
+    assert disk_bytes(run.loaded.model) == _tensor_bytes(tmp_path / "again")  # the efficiency figure is the export's
     dense, packed = _tensor_bytes(tmp_path / "dense"), _tensor_bytes(tmp_path / "packed")
     assert dense - packed == saved, (dense, packed, saved)
     assert (linear * 2 - saved) / (linear * 2) == pytest.approx((4 + 16 / 16) / 16, abs=0.01)  # the linears at ~5/16 of their size
@@ -184,3 +188,39 @@ def test_bad_quantization_input_is_refused(tiny_folder, tmp_path, capsys, monkey
     _run(_spec(tiny_folder, [{"type": "quantize", "method": "rtn", "group_size": 16}], out))
     expect_bad_input(capsys, "run", preset("prune", [{"type": "prune", "method": "magnitude"}]), "--model", str(out),
                      words=("quantization_config",))
+
+
+def test_compare_shows_bits_per_weight_and_the_export_size_beside_perplexity(tiny_folder, tmp_path, capsys, one_thread):
+    from cli_support import run_cli
+
+    preset = tmp_path / "q.toml"
+    preset.write_text(f"""name = "q"
+[model]
+name = "{tiny_folder}"
+[calibration]
+source = "random"
+nsamples = 4
+seqlen = 32
+[[steps]]
+type = "quantize"
+method = "gptq"
+group_size = 16
+[evaluate]
+perplexity = ["wikitext2"]
+seqlen = 32
+limit = 2
+""")
+    code, out, err = run_cli(capsys, "run", str(preset), "--out", str(tmp_path / "export"), "--json", "--quiet")
+    assert code == 0, err
+    summary = json.loads(out)
+    size = sum(p.stat().st_size for p in (tmp_path / "export").glob("*.safetensors"))
+    metrics = {m["name"]: m for m in summary["metrics"]}
+    assert metrics["export_bytes"]["value"] == size
+    assert metrics["bits_per_weight"]["value"] == pytest.approx(4 + 16 / 16)
+    code, out, err = run_cli(capsys, "compare", summary["run_id"])
+    assert code == 0, err
+    bits_row = next(line for line in out.splitlines() if "bits per linear weight" in line)
+    assert "5.0000" in bits_row
+    size_row = next(line for line in out.splitlines() if "export on disk (MB)" in line)
+    assert f"{size / 1e6:.4f}"[:4] in size_row
+    assert "perplexity wikitext2" in out

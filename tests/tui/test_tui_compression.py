@@ -241,3 +241,28 @@ async def test_a_fields_help_line_goes_with_its_form():
         await form_for(pilot, app, len(app.session.steps) - 1)
         await pilot.pause()
         assert "trials" not in str(help_line.content)  # the prune form shows no low-rank help
+
+
+@async_test
+async def test_the_quantize_editor_shows_the_fields_of_its_method_and_scheme_and_flags_bad_bits():
+    app = make_app("gptq-w4a16")
+    async with app.run_test(size=SMALL) as pilot:
+        form = await open_compression(pilot, app)
+        assert all(shown(form, name) for name in ("method", "weights", "bits", "group_size", "blocksize", "actorder"))
+        assert not shown(form, "awq_grid")
+
+        form.query_one("#field-method", Select).value = "awq"
+        await wait_for(pilot, lambda: shown(form, "awq_grid") and shown(form, "awq_quantizer"), what="the AWQ fields")
+        form.query_one("#field-method", Select).value = "rtn"
+        await wait_for(pilot, lambda: not shown(form, "blocksize") and not shown(form, "awq_grid"), what="RTN's fields")
+
+        form.query_one("#field-weights", Select).value = "fp8"
+        await wait_for(pilot, lambda: not shown(form, "bits") and not shown(form, "group_size"), what="FP8's fields")
+        assert app.session.problem() is None and app.session.spec().steps[0].label() == "rtn FP8"
+
+        form.query_one("#field-weights", Select).value = "int"
+        await retype(pilot, form.query_one("#field-group_size", Input), "-4")
+        data = preset_data("gptq-w4a16")
+        data["steps"][0].update(method="rtn", weights="int", group_size=-4)
+        expected = validator_message(data)
+        await wait_for(pilot, lambda: expected_in(form, "#error-group_size", expected), what="the group size message")

@@ -49,8 +49,11 @@ def parameter_counts(model) -> tuple[int, int]:
 
 
 def disk_bytes(model) -> int:
-    """Bytes of tensor data ``save_pretrained`` writes (safetensors stores each shared tensor once, densely)."""
-    return sum(t.numel() * t.element_size() for t in _unique_tensors(model))
+    """Bytes of tensor data an export writes (safetensors stores each shared tensor once, densely); a quantized
+    linear counts as its compressed-tensors export stores it (packed codes, scales, zero points)."""
+    from workbench.quantization.export import stored_bytes
+
+    return sum(t.numel() * t.element_size() for t in _unique_tensors(model)) + stored_bytes(model)
 
 
 def _input_device(model) -> torch.device:

@@ -23,11 +23,13 @@ EFFICIENCY_LABELS = {
     "parameters": "parameters",
     "nonzero_parameters": "non-zero parameters",
     "disk_bytes": "size on disk (MB)",
+    "export_bytes": "export on disk (MB)",
+    "bits_per_weight": "bits per linear weight",
     "prefill_tokens_per_s": "prefill tokens/s",
     "decode_ms_per_token": "decode ms/token",
     "peak_memory_bytes": "peak memory (MiB)",
 }
-_SCALE = {"disk_bytes": 1e-6, "peak_memory_bytes": 1 / 2**20}
+_SCALE = {"disk_bytes": 1e-6, "export_bytes": 1e-6, "peak_memory_bytes": 1 / 2**20}
 
 
 @dataclass

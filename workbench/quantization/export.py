@@ -68,6 +68,10 @@ def compressed_state_dict(model: nn.Module, dtype: torch.dtype | None, log=None)
     if changed and log is not None:
         log(f"{len(changed)} quantized linears were changed by a later step and are saved in 16 bits: "
             f"{', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}")
+    if log is not None and any(not state.args.symmetric and state.args.kind == "int" for _, state in quantized.values()):
+        log("asymmetric weights: the zero points are packed as compressed-tensors writes them, but transformers 5 with "
+            "compressed-tensors 0.20 refuses to load such a folder (it expects them unpacked); symmetric weights load "
+            "everywhere, and export.format = \"dense\" writes the dequantized weights")
     groups: dict[tuple, list[str]] = {}
     for name, (_, state) in quantized.items():
         groups.setdefault((state.args, str(state.scale.dtype)), []).append(name)
@@ -117,8 +121,25 @@ def write_config(folder: Path, config) -> None:
     ModelCompressor(quantization_config=config).update_config(str(folder))
 
 
+def stored_bytes(model: nn.Module) -> int:
+    """What quantization changes in the bytes of a compressed-tensors export: for each quantized linear, its packed
+    codes, scales, zero points and shape minus its dense weight (0 for a model without quantized linears)."""
+    change = 0
+    for mod in model.modules():
+        state = getattr(mod, STATE_ATTR, None)
+        if state is None or not isinstance(mod, nn.Linear):
+            continue
+        rows, cols = state.shape
+        a = state.args
+        codes = rows * cols * a.code_bits // 8 if a.kind == "fp8" else rows * -(-cols * a.bits // 32) * 4
+        zero = 0 if state.zero is None else -(-state.zero.shape[0] * a.bits // 32) * state.zero.shape[1] * 4
+        change += codes + state.scale.numel() * state.scale.element_size() + zero + (16 if a.kind == "int" else 0)
+        change -= mod.weight.numel() * mod.weight.element_size()
+    return change
+
+
 def has_quantized(model: nn.Module) -> bool:
     return any(getattr(mod, STATE_ATTR, None) is not None for mod in model.modules())
 
 
-__all__ = ["compressed_state_dict", "write_config", "quantized_linears", "has_quantized"]
+__all__ = ["compressed_state_dict", "write_config", "quantized_linears", "has_quantized", "stored_bytes"]

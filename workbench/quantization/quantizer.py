@@ -180,7 +180,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, scale_dty
     if actorder:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H, fixed = W[:, perm], H[perm][:, perm], fixed[:, perm]
-    group_of = (perm if perm is not None else torch.arange(cols, device=W.device)) // g
+    # each position's group, as plain ints: a column's scale is then a view, not an indexing kernel
+    group_of = [c // g for c in (perm.tolist() if perm is not None else range(cols))]
     U, _dead = _inverse_hessian_factor(H, W, percdamp)
     del H
     segments = _row_segments(rows, "matrix", row_groups) if sparsity and not n else None

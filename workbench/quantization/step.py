@@ -127,37 +127,54 @@ def quantize(ctx, step: QuantizeStep, stage: str) -> dict:
                     extra[nme] = {"awq_alpha": alpha, "awq_error_ratio": ratio, "awq_folded_into": prev_name}
         modules = {}
         for name, mod in linears.items():
-            w = weight_matrix(mod)
             try:
-                args.check(w.shape[1], f"{prefix}.{name}")
+                args.check(weight_matrix(mod).shape[1], f"{prefix}.{name}")
             except ValueError as exc:
                 raise UserError(f"{stage}: {exc}", "choose a group size dividing every linear's input size (128 fits common models), "
                                 "or group_size = 0 for one scale per output channel") from None
-            H = hessians.get(name)
-            if H is not None and name in scales:
-                s = scales[name].to(H.device)
+        use_gptq = step.method == "gptq" or (step.method == "awq" and step.awq_quantizer == "gptq")
+        # linears that read one input (and, with AWQ, carry one scale) are quantized as one stacked matrix: rows are
+        # independent given the Hessian, so q/k/v and gate/up share one factorization and one column sweep
+        batches: dict[tuple, list[str]] = {}
+        for group in (stats.groups if stats is not None else [[name] for name in linears]):
+            for name in group:
+                if name in linears:
+                    batches.setdefault((group[0], id(scales.get(name))), []).append(name)
+        for names in batches.values():
+            weights = [weight_matrix(linears[name]) for name in names]
+            H = hessians.get(names[0])
+            if H is not None and names[0] in scales:
+                s = scales[names[0]].to(H.device)
                 H = H / s[:, None] / s[None, :]
-            use_gptq = step.method == "gptq" or (step.method == "awq" and step.awq_quantizer == "gptq")
+            stacked = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
             try:
                 if use_gptq:
-                    result = gptq(w, H, args, scale_dtype, blocksize=step.blocksize, percdamp=step.percdamp, actorder=step.actorder,
-                                  static_groups=step.static_groups, sparsity=0.0 if nm else step.sparsity, n=n, m=m)
+                    result = gptq(stacked, H, args, scale_dtype, blocksize=step.blocksize, percdamp=step.percdamp,
+                                  actorder=step.actorder, static_groups=step.static_groups, sparsity=0.0 if nm else step.sparsity,
+                                  n=n, m=m, row_groups=[w.shape[0] for w in weights])
                 else:
-                    result = rtn(w, args, scale_dtype)
+                    result = rtn(stacked, args, scale_dtype)
             except ValueError as exc:
-                raise UserError(f"{stage}: {prefix}.{name}: {exc}", "raise percdamp or use more calibration tokens") from None
-            w.copy_(result.weight.to(w.dtype))
-            setattr(mod, STATE_ATTR, QuantState(args, result.codes.cpu(), result.scale.cpu(),
-                                                 None if result.zero is None else result.zero.cpu(), tuple(w.shape)))
-            effective = result.weight  # the function the original weights computed, to compare with them
-            if name in scales:
-                effective = effective / scales[name].to(effective.device)[None, :]
-            if name in row_scales:
-                effective = effective * row_scales[name].to(effective.device)[:, None]
-            zeros = int(result.mask.sum())  # pruned before or in this sweep (codes that merely round to zero do not count)
-            modules[name] = {"shape": list(w.shape), "numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel(),
-                             "bits": bits_per_weight(args, w.shape[1], torch.finfo(scale_dtype).bits),
-                             "error": output_error(originals[name], effective, hessians.get(name)), **extra.get(name, {})}
+                raise UserError(f"{stage}: {prefix}.{'/'.join(names)}: {exc}", "raise percdamp or use more calibration tokens") from None
+            r0 = 0
+            for name, w in zip(names, weights):
+                r1 = r0 + w.shape[0]
+                deq = result.weight[r0:r1]
+                w.copy_(deq.to(w.dtype))
+                setattr(linears[name], STATE_ATTR, QuantState(args, result.codes[r0:r1].cpu(), result.scale[r0:r1].cpu(),
+                                                              None if result.zero is None else result.zero[r0:r1].cpu(),
+                                                              tuple(w.shape)))
+                effective = deq  # the function the original weights computed, to compare with them
+                if name in scales:
+                    effective = effective / scales[name].to(effective.device)[None, :]
+                if name in row_scales:
+                    effective = effective * row_scales[name].to(effective.device)[:, None]
+                zeros = int(result.mask[r0:r1].sum())  # pruned before or in this sweep (codes that round to zero do not count)
+                modules[name] = {"shape": list(w.shape), "numel": w.numel(), "zeros": zeros, "sparsity": zeros / w.numel(),
+                                 "bits": bits_per_weight(args, w.shape[1], torch.finfo(scale_dtype).bits),
+                                 "error": output_error(originals[name], effective, hessians.get(name)), **extra.get(name, {})}
+                r0 = r1
+        modules = {name: modules[name] for name in linears}  # in module order
         errors = [mod["error"] for mod in modules.values()]
         numel = sum(mod["numel"] for mod in modules.values())
         zeros = sum(mod["zeros"] for mod in modules.values())
@@ -175,6 +192,8 @@ def quantize(ctx, step: QuantizeStep, stage: str) -> dict:
               "bits_per_weight": stored / numel if numel else None, "kept_16bit": sixteen, "layers": layers}
     if zeros:
         report["sparsity"] = zeros / numel  # the pruning the quantizer kept (or did, in a joint sweep)
+    report["metrics"] = [{"name": "bits_per_weight", "dataset": "model", "value": report["bits_per_weight"] or 16.0,
+                          "extra": {"kind": "efficiency", "scheme": step.scheme, "quantized_params": numel}}]
     errors = [entry["value"] for entry in layers]
     report["error"] = sum(errors) / len(errors) if errors else 0.0
     report["headline"] = {"bits per weight": f"{report['bits_per_weight']:.3f} over {numel:,} linear weights" if numel else "none",
