@@ -274,13 +274,22 @@ class Run:
             dtype = original if isinstance(original, torch.dtype) else None
         else:
             dtype = getattr(torch, x.dtype)
+        fmt = x.format
+        if self.structure and fmt != "dense":
+            from .export import export_format
+
+            if export_format(self.loaded.model, fmt) == "compressed-tensors":  # only workbench.load rebuilds this model
+                self.emit(WarningEvent(message="the model has recorded structure (a low-rank or per-layer width step) that only "
+                                               "workbench.load rebuilds, so it is exported with dense (dequantized) weights, "
+                                               "not in the compressed-tensors format"))
+                fmt = "dense"
         with self.stage("export", f"Saving to {out}"):
             path = export_model(self.loaded.model, self.loaded.tokenizer, out, self.build_summary(exported=str(out)),
                                 dtype=dtype, overwrite=x.overwrite, log=lambda message: self.emit(Log(message=message)),
-                                format=x.format)
+                                format=fmt)
         size = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
         self.add_metric({"name": "export_bytes", "dataset": "model", "phase": "after", "value": float(size),
-                         "extra": {"kind": "efficiency", "format": x.format, "folder": str(path)}})
+                         "extra": {"kind": "efficiency", "format": fmt, "folder": str(path)}})
         return str(path)
 
     def build_summary(self, exported: str | None = None) -> dict:

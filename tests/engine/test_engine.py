@@ -145,7 +145,9 @@ def test_run_exports_a_checkpoint_that_transformers_reloads(tmp_path):
     assert summary["export"] == str(out)
     types = [e.type for e in events]
     assert types[0] == "run_started" and types[-1] == "run_finished"
-    assert types.count("metric") == 2 and types.count("layer_done") == 8
+    assert types.count("metric") == 3 and types.count("layer_done") == 8  # perplexity before and after, the export's size
+    size = [m for m in summary["metrics"] if m["name"] == "export_bytes"]
+    assert [m["value"] for m in size] == [sum(p.stat().st_size for p in out.glob("*.safetensors"))]
     info = json.loads((out / "compression.json").read_text())
     assert info["spec"]["steps"][0]["method"] == "wanda"
     assert len(info["steps"][0]["layers"]) == 8

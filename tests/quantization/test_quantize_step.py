@@ -26,12 +26,15 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-def _spec(model: Path, steps: list, out: Path | None = None, dtype: str = "bfloat16", **export) -> dict:
+def _spec(model: Path, steps: list, out: Path | None = None, dtype: str = "bfloat16", dtype_export: str | None = None,
+          **export) -> dict:
     spec = {"name": "q", "model": {"name": str(model), "dtype": dtype},
             "calibration": {"source": "random", "nsamples": 8, "seqlen": 64, "summary": False},
             "steps": steps, "evaluate": {"perplexity": [], "before": False}}
     if out is not None:
         spec["export"] = {"save": True, "out": str(out), **export}
+        if dtype_export:
+            spec["export"]["dtype"] = dtype_export
     return spec
 
 
@@ -224,3 +227,21 @@ limit = 2
     size_row = next(line for line in out.splitlines() if "export on disk (MB)" in line)
     assert f"{size / 1e6:.4f}"[:4] in size_row
     assert "perplexity wikitext2" in out
+
+
+def test_a_low_rank_model_quantized_is_exported_dense_and_loads_back(tiny_folder, tmp_path, one_thread):
+    """Low-rank factors have input sizes a group may not divide (they stay in 16 bits, said), and a model with recorded
+    structure is written dense: only workbench.load rebuilds it, and compressed-tensors would not survive that."""
+    from workbench.models import load
+
+    events = []
+    steps = [{"type": "lowrank", "method": "svd", "retention": 0.8}, {"type": "quantize", "method": "rtn", "group_size": 16}]
+    run = Run(spec_from_dict(_spec(tiny_folder, steps, tmp_path / "export", dtype="float32", dtype_export="float32")), emit=events.append)
+    run.execute()
+    warnings = [e.message for e in events if e.type == "warning"]
+    assert any("stay in 16 bits" in w for w in warnings) and any("exported with dense" in w for w in warnings)
+    assert "quantization_config" not in json.loads((tmp_path / "export" / "config.json").read_text())
+    again, _ = load(tmp_path / "export", dtype="float32")
+    ids = torch.randint(0, 8000, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, run.loaded.model(ids).logits, atol=1e-5)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from workbench.errors import UserError
-from workbench.events import Log
+from workbench.events import Log, WarningEvent
 from workbench.models import weight_matrix
 from workbench.observers import statistic
 from workbench.sweep import Watch
@@ -102,6 +102,7 @@ def quantize(ctx, step: QuantizeStep, stage: str) -> dict:
 
     watch = Watch(inputs={name: statistic(name) for name in stats_names}, linears=lambda i, layer: selected(i, layer)) if data else None
     kept: list[str] = []
+    undivided: list[str] = []  # linears whose input size the group size does not divide, kept in 16 bits
 
     def quantize_layer(layer: nn.Module, i: int, stats) -> dict:
         linears = selected(i, layer)
@@ -126,12 +127,12 @@ def quantize(ctx, step: QuantizeStep, stage: str) -> dict:
                     scales[nme] = s
                     extra[nme] = {"awq_alpha": alpha, "awq_error_ratio": ratio, "awq_folded_into": prev_name}
         modules = {}
-        for name, mod in linears.items():
+        for name, mod in list(linears.items()):
             try:
                 args.check(weight_matrix(mod).shape[1], f"{prefix}.{name}")
-            except ValueError as exc:
-                raise UserError(f"{stage}: {exc}", "choose a group size dividing every linear's input size (128 fits common models), "
-                                "or group_size = 0 for one scale per output channel") from None
+            except ValueError:  # a linear an earlier step made (a low-rank factor): the model's own were checked at loading
+                undivided.append(f"{prefix}.{name}")
+                del linears[name]
         use_gptq = step.method == "gptq" or (step.method == "awq" and step.awq_quantizer == "gptq")
         # linears that read one input (and, with AWQ, carry one scale) are quantized as one stacked matrix: rows are
         # independent given the Hessian, so q/k/v and gate/up share one factorization and one column sweep
@@ -185,7 +186,10 @@ def quantize(ctx, step: QuantizeStep, stage: str) -> dict:
     numel = sum(mod["numel"] for entry in layers for mod in entry["modules"].values())
     stored = sum(mod["numel"] * mod["bits"] for entry in layers for mod in entry["modules"].values())
     zeros = sum(mod["zeros"] for entry in layers for mod in entry["modules"].values())
-    sixteen = ["embeddings", "lm_head"] + kept
+    sixteen = ["embeddings", "lm_head"] + kept + undivided
+    if undivided:
+        ctx.emit(WarningEvent(message=f"{len(undivided)} linears whose input size the group size {args.group_size} does not divide "
+                                      f"stay in 16 bits: {', '.join(undivided[:4])}{' ...' if len(undivided) > 4 else ''}"))
     report = {"type": "quantize", "label": step.label(), "method": step.method, "scheme": step.scheme, "weights": step.weights,
               "bits": args.code_bits, "group_size": args.group_size, "symmetric": args.symmetric,
               "scale_dtype": str(scale_dtype).replace("torch.", ""), "quantized_params": numel,
