@@ -283,7 +283,7 @@ class RunScreen(WorkbenchScreen):
             self._table_stage, self._table_rows = stage, 0
             table.clear(columns=True)
             table.add_column("layer", key="layer")
-            table.add_column(job.quantity(stage), key="value")
+            table.add_column({"qerror": "output error"}.get(job.quantity(stage), job.quantity(stage)), key="value")
             table.add_column("time", key="time")
             table.add_column("error", key="error")
             self._switch_view(job)
@@ -295,7 +295,8 @@ class RunScreen(WorkbenchScreen):
                 continue
             value = layer_value(r)
             errors = [m["error"] for m in (r.get("modules") or {}).values() if m.get("error") is not None]
-            table.add_row(r["layer"], "–" if value is None else f"{value:.4f}", f"{r.get('seconds', 0.0):.2f} s",
+            shown = "–" if value is None else (f"{value:.3g}" if quantity == "qerror" else f"{value:.4f}")
+            table.add_row(r["layer"], shown, f"{r.get('seconds', 0.0):.2f} s",
                           f"{sum(errors) / len(errors):.4g}" if errors else "–", key=key)
         self._table_rows = len(rows)
         key = (stage, len(rows))

@@ -278,3 +278,21 @@ async def test_a_run_queued_behind_another_shows_once_the_first_ends():
         await job_done(pilot, app, second)
         await wait_for(pilot, lambda: second.run_id in text_of(app, "#run-final"), what="the second run's outcome")
         assert first.status == second.status == "finished"
+
+
+@async_test
+async def test_a_quantize_step_charts_each_layers_output_error_on_its_own_scale(monkeypatch):
+    layer_calls = record_calls(monkeypatch, LayerChart, "update_layers")
+    app = make_app("gptq-w4a16", fake_backend(delay=0.01, layers=4))
+    app.session.set("evaluate.limit", 2)
+    async with app.run_test(size=SMALL) as pilot:
+        job = await run_and_wait(pilot, app)
+        assert job.status == "finished"
+        (stage, rows), = job.layers.items()
+        errors = [r["value"] for r in rows]
+        assert stage == "quantize:0" and len(errors) == 4 and errors == sorted(errors) and errors[0] > 0
+        args, kwargs = layer_calls[-1]
+        assert list(args[0]) == errors and kwargs["ylabel"] == "relative error" and kwargs["unit_range"] is False
+        assert kwargs["title"] == "quantization output error per layer" and kwargs["target"] is None
+        assert str(app.screen.query_one("#layer-table", DataTable).ordered_columns[1].label) == "output error"
+        assert [r[1] for r in table_rows(app)] == [f"{e:.3g}" for e in errors]
