@@ -267,11 +267,8 @@ class Run:
 
         x = self.spec.export
         dtype = None
-        if x.dtype == "auto":
-            original = getattr(self.loaded.model.config, "dtype", None) or getattr(self.loaded.model.config, "torch_dtype", None)
-            if isinstance(original, str):
-                original = getattr(torch, original, None)
-            dtype = original if isinstance(original, torch.dtype) else None
+        if x.dtype == "auto":  # the checkpoint's own dtype (the model may compute in another)
+            dtype = getattr(self.loaded, "checkpoint_dtype", None)
         else:
             dtype = getattr(torch, x.dtype)
         fmt = x.format

@@ -33,8 +33,7 @@ def _spec(model: Path, steps: list, out: Path | None = None, dtype: str = "bfloa
             "steps": steps, "evaluate": {"perplexity": [], "before": False}}
     if out is not None:
         spec["export"] = {"save": True, "out": str(out), **export}
-        if dtype_export:
-            spec["export"]["dtype"] = dtype_export
+        spec["export"]["dtype"] = dtype_export or dtype  # the tiny checkpoint is float32; export in the run's dtype
     return spec
 
 

@@ -29,7 +29,7 @@ from workbench.model_source import SOURCE_HINT, resolve_model_source
 from workbench.rebuild import needs_rebuild, rebuild_model
 
 from .adapters import FAMILIES, ModelAdapter, get_adapter, unsupported_model, weight_matrix
-from .devices import dtype_name, resolve_device, resolve_dtype
+from .devices import _config_dtype, dtype_name, resolve_device, resolve_dtype
 
 @dataclass
 class LoadedModel:
@@ -47,6 +47,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source_kind: str = "local"
+    checkpoint_dtype: torch.dtype | None = None  # the dtype the checkpoint's config.json declares (what export "auto" writes)
 
 
 _OFFLINE_NAMES = {
@@ -202,6 +203,7 @@ def load_model(
     kwargs: dict[str, Any] = {"config": config, "dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if kind != "hub" and any(Path(source).glob("*.safetensors")):
         kwargs["use_safetensors"] = True
+    checkpoint_dtype = _config_dtype(config)  # read before loading: transformers records the loaded dtype in the config
     qconfig = getattr(config, "quantization_config", None)
     if isinstance(qconfig, dict) and qconfig.get("quant_method") == "compressed-tensors":
         # a quantized export: its weights dequantized on load, so every evaluation and step reads plain tensors
@@ -239,6 +241,7 @@ def load_model(
         device=compute_device,
         dtype=torch_dtype,
         source_kind=kind,
+        checkpoint_dtype=checkpoint_dtype,
     )
 
 

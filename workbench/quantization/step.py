@@ -67,9 +67,7 @@ def scale_dtype_for(spec, loaded) -> torch.dtype:
     """The dtype the export stores scales in: the export's dtype (by default the checkpoint's 16-bit dtype)."""
     name = spec.export.dtype
     if name == "auto":
-        original = getattr(loaded.model.config, "dtype", None) or getattr(loaded.model.config, "torch_dtype", None)
-        if isinstance(original, str):
-            original = getattr(torch, original, None)
+        original = getattr(loaded, "checkpoint_dtype", None)
         if original in (torch.bfloat16, torch.float16):
             return original
         return loaded.dtype if loaded.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
