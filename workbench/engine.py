@@ -263,18 +263,12 @@ class Run:
         out = self.export_target()
         if out is None:
             return None
-        from .export import export_model
+        from .export import export_format, export_model
 
         x = self.spec.export
-        dtype = None
-        if x.dtype == "auto":  # the checkpoint's own dtype (the model may compute in another)
-            dtype = getattr(self.loaded, "checkpoint_dtype", None)
-        else:
-            dtype = getattr(torch, x.dtype)
+        dtype = self.loaded.export_dtype(x.dtype)  # auto: the checkpoint's own (the model may compute in another)
         fmt = x.format
         if self.structure and fmt != "dense":
-            from .export import export_format
-
             if export_format(self.loaded.model, fmt) == "compressed-tensors":  # only workbench.load rebuilds this model
                 self.emit(WarningEvent(message="the model has recorded structure (a low-rank or per-layer width step) that only "
                                                "workbench.load rebuilds, so it is exported with dense (dequantized) weights, "

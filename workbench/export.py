@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from workbench.errors import RunError, UserError
-from workbench.spec.schema import EXPORT_FORMATS
 from workbench.files import (EXPORTED_BY, INFO_FILE, PARTIAL_MARK, check_export_target, move_into_place,
                              new_temp_folder, prepare_export_target, read_export_info)
+from workbench.quantization.export import compressed_state_dict, has_quantized, write_config
+from workbench.spec.schema import EXPORT_FORMATS
 
 
 def _versions() -> dict[str, str]:
@@ -127,8 +128,6 @@ def _info_text(payload: dict) -> str:
 
 def export_format(model, asked: str) -> str:
     """The format an export is written in: ``auto`` is compressed-tensors for a quantized model, else dense."""
-    from workbench.quantization.export import has_quantized
-
     if asked == "auto":
         return "compressed-tensors" if has_quantized(model) else "dense"
     if asked == "compressed-tensors" and not has_quantized(model):
@@ -185,8 +184,6 @@ def export_model(model, tokenizer, out_dir, info: dict, dtype=None, overwrite: b
     try:
         model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         if fmt == "compressed-tensors":
-            from workbench.quantization.export import compressed_state_dict, write_config
-
             state_dict, qconfig = compressed_state_dict(model, target_dtype, log)
             model.save_pretrained(tmp, state_dict=state_dict)
             if target_dtype is not None:

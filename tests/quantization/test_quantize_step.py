@@ -164,9 +164,8 @@ def test_awq_search_never_does_worse_than_plain_rounding():
 
 
 def test_bad_quantization_input_is_refused(tiny_folder, tmp_path, capsys, monkeypatch):
-    def preset(name, steps, **spec):
-        body = _spec(tiny_folder, steps, **spec)
-        lines = [f'name = "{body["name"]}"', "[model]", f'name = "{tiny_folder}"', "[calibration]", 'source = "random"',
+    def preset(name, steps):
+        lines = ['name = "q"', "[model]", f'name = "{tiny_folder}"', "[calibration]", 'source = "random"',
                  "nsamples = 2", "seqlen = 16", "[evaluate]", "perplexity = []"]
         for step in steps:
             lines.append("[[steps]]")

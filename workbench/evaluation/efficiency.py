@@ -21,6 +21,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from workbench.quantization.export import stored_bytes
+
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -51,8 +53,6 @@ def parameter_counts(model) -> tuple[int, int]:
 def disk_bytes(model) -> int:
     """Bytes of tensor data an export writes (safetensors stores each shared tensor once, densely); a quantized
     linear counts as its compressed-tensors export stores it (packed codes, scales, zero points)."""
-    from workbench.quantization.export import stored_bytes
-
     return sum(t.numel() * t.element_size() for t in _unique_tensors(model)) + stored_bytes(model)
 
 

@@ -129,7 +129,7 @@ class ModelAdapter:
         if loaded is not None:
             return loaded
         config = getattr(self.config, "quantization_config", None)
-        return config if config is None or isinstance(config, dict) else getattr(config, "to_dict", lambda: {"quant_method": "?"})()
+        return config.to_dict() if hasattr(config, "to_dict") else config
 
     @property
     def layers(self) -> nn.ModuleList:

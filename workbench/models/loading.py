@@ -49,6 +49,10 @@ class LoadedModel:
     source_kind: str = "local"
     checkpoint_dtype: torch.dtype | None = None  # the dtype the checkpoint's config.json declares (what export "auto" writes)
 
+    def export_dtype(self, asked: str) -> torch.dtype | None:
+        """The dtype an export writes: ``auto`` is the checkpoint's own (None when unknown: as the model is), else ``asked``."""
+        return self.checkpoint_dtype if asked == "auto" else getattr(torch, asked)
+
 
 _OFFLINE_NAMES = {
     "LocalEntryNotFoundError",

@@ -64,20 +64,13 @@ def ignored(full_name: str, patterns: list[str]) -> bool:
 
 
 def scale_dtype_for(spec, loaded) -> torch.dtype:
-    """The dtype the export stores scales in: the export's dtype (by default the checkpoint's 16-bit dtype)."""
-    name = spec.export.dtype
-    if name == "auto":
-        original = getattr(loaded, "checkpoint_dtype", None)
-        if original in (torch.bfloat16, torch.float16):
-            return original
-        return loaded.dtype if loaded.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    dtype = getattr(torch, name)
-    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
-
-
-def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear of ``model`` that carries a QuantState, by qualified name."""
-    return {name: mod for name, mod in model.named_modules() if getattr(mod, STATE_ATTR, None) is not None}
+    """The dtype the export stores scales in: the export's dtype when it is 16-bit or asked for; else (a float32 or
+    unknown checkpoint under ``auto``) the model's 16-bit dtype, or bfloat16."""
+    dtype = loaded.export_dtype(spec.export.dtype)
+    sixteen = (torch.bfloat16, torch.float16)
+    if dtype in sixteen or (dtype is not None and spec.export.dtype != "auto"):
+        return dtype
+    return loaded.dtype if loaded.dtype in sixteen else torch.bfloat16
 
 
 @torch.no_grad()
@@ -234,4 +227,4 @@ def check(facts, step: QuantizeStep, where: str) -> None:
                                 "or group_size = 0 for one scale per output channel")
 
 
-__all__ = ["quantize", "run_step", "check", "QuantState", "quantized_modules", "quant_args", "STATE_ATTR", "scale_dtype_for"]
+__all__ = ["quantize", "run_step", "check", "QuantState", "quant_args", "STATE_ATTR", "scale_dtype_for"]
